@@ -1,0 +1,98 @@
+"""Where the prunable convolutions of a ResNet are, found by walking its modules.
+
+A residual block's main branch is a chain ``conv -> bn -> (relu) -> conv -> bn ...``;
+the last conv of the chain feeds the residual add. Pruning filter ``f`` of a conv
+couples three things (Torch-Pruning's "group"): output channel ``f`` of the conv,
+channel ``f`` of its BatchNorm, and input channel ``f`` of whatever consumes it
+(the next conv of the chain, or the residual add for the last conv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+SCOPES = ("conv12", "all_conv")
+RESIDUAL = "residual"  # the consumer of the last conv of a block's main branch
+
+
+@dataclass(frozen=True)
+class PrunableConv:
+    """One prunable conv and the modules coupled to its output channels."""
+
+    name: str  # module name in the plain model, e.g. "layer1.0.conv1"
+    conv: nn.Conv2d
+    bn_name: str
+    bn: nn.BatchNorm2d
+    consumer: str  # name of the conv fed by this one, or RESIDUAL
+    stage: str  # top-level stage holding the block, e.g. "layer1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel / DataParallel / torch.compile."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    return scope
+
+
+def residual_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, block) for every residual block, in forward order."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, (Bottleneck, BasicBlock)) or getattr(module, "is_residual_block", False):
+            yield name, module
+
+
+def branch_chain(block: nn.Module) -> list[tuple[str, str]]:
+    """The block's main branch as (conv_name, bn_name) pairs, in order.
+
+    Each conv is paired with the BatchNorm registered right after it; the
+    ``downsample`` shortcut is not part of the branch.
+    """
+    chain: list[tuple[str, str]] = []
+    pending_conv: str | None = None
+    for child_name, child in block.named_children():
+        if isinstance(child, nn.Conv2d):
+            pending_conv = child_name
+        elif isinstance(child, nn.BatchNorm2d) and pending_conv is not None:
+            chain.append((pending_conv, child_name))
+            pending_conv = None
+    return chain
+
+
+def prunable_convs(model: nn.Module, scope: str = "conv12") -> list[PrunableConv]:
+    """Every conv whose filters the scope allows to prune, in forward order.
+
+    ``conv12``: every conv of a block's main branch except the last one (conv1/conv2
+    of a Bottleneck, conv1 of a BasicBlock). ``all_conv``: the last one too.
+    Stem, downsample and classifier are never prunable.
+    """
+    check_scope(scope)
+    found: list[PrunableConv] = []
+    for block_name, block in residual_blocks(model):
+        chain = branch_chain(block)
+        last = len(chain) if scope == "all_conv" else len(chain) - 1
+        for position, (conv_name, bn_name) in enumerate(chain[:last]):
+            consumer = chain[position + 1][0] if position + 1 < len(chain) else RESIDUAL
+            found.append(
+                PrunableConv(
+                    name=f"{block_name}.{conv_name}",
+                    conv=getattr(block, conv_name),
+                    bn_name=f"{block_name}.{bn_name}",
+                    bn=getattr(block, bn_name),
+                    consumer=consumer if consumer == RESIDUAL else f"{block_name}.{consumer}",
+                    stage=block_name.split(".")[0],
+                )
+            )
+    return found
