@@ -1,0 +1,312 @@
+"""The model registry, ``list_of_models.py``: names for the models that searches produced.
+
+The registry is a Python file that people may edit by hand, but the tools treat it as
+data only: it is parsed with :mod:`ast` and its ``MODELS = {...}`` literal evaluated
+with :func:`ast.literal_eval`; it is never imported or executed. Registering a model
+rewrites only the source text of that literal, from validated strings written with
+``repr()``, and leaves the rest of the file byte for byte as it was.
+
+Also a command: ``python -m gsparsity.registry NAME EXPERIMENT_FOLDER`` registers the
+compressed model that a finished search left in its folder.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import keyword
+import os
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoint import atomic_write_text, load_checkpoint
+from .errors import UserError
+from .structure import SCOPES
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "list_of_models.py"
+MODELS_VARIABLE = "MODELS"
+FIELDS = ("experiment_dir", "small_model", "mask", "scope", "arch")  # every entry has these
+SMALL_MODEL_PATTERN = re.compile(r"small_model_(?P<suffix>.+)\.pth\.tar")  # as the search names them
+FORBIDDEN_CATEGORIES = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph breaks
+INDENT = "    "
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registry entry with its paths made absolute and checked to exist."""
+
+    name: str
+    experiment_dir: Path
+    small_model: Path
+    mask: Path
+    scope: str
+    arch: str
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def read_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> dict[str, dict[str, str]]:
+    """Every entry of the registry, as ``{name: {field: value}}``, without running the file."""
+    path = Path(path)
+    return _literal_models(_models_node(_read_source(path), path), path)
+
+
+def _read_source(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"model registry {path}: no such file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"model registry {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _models_node(source: str, path: Path) -> ast.expr:
+    """The expression assigned to MODELS at the top level of the file."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as error:
+        raise UserError(f"model registry {path}: syntax error on line {error.lineno}: {error.msg}") from None
+    values = [statement.value for statement in tree.body
+              if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None
+              and _assigns_models(statement)]
+    if not values:
+        raise UserError(f"model registry {path}: no '{MODELS_VARIABLE} = {{...}}' at the top level")
+    if len(values) > 1:
+        raise UserError(f"model registry {path}: {MODELS_VARIABLE} is assigned {len(values)} times; keep one")
+    return values[0]
+
+
+def _assigns_models(statement: ast.Assign | ast.AnnAssign) -> bool:
+    targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+    return any(isinstance(target, ast.Name) and target.id == MODELS_VARIABLE for target in targets)
+
+
+def _literal_models(node: ast.expr, path: Path) -> dict[str, dict[str, str]]:
+    try:
+        models = ast.literal_eval(node)
+    except (ValueError, TypeError, RecursionError):  # names, calls, operators, absurd nesting
+        raise UserError(f"model registry {path}: {MODELS_VARIABLE} (line {node.lineno}) must be a "
+                        f"literal dict of strings, with no names, calls or operators in it") from None
+    if not isinstance(models, dict):
+        raise UserError(f"model registry {path}: {MODELS_VARIABLE} is a {type(models).__name__}, not a dict")
+    for name, entry in models.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise UserError(f"model registry {path}: entry {name!r} must map a name to a dict")
+        if not all(isinstance(key, str) and isinstance(value, str) for key, value in entry.items()):
+            raise UserError(f"model registry {path}: entry {name!r}: every field and value must be a string")
+    return models
+
+
+# --- looking up -------------------------------------------------------------------------
+
+def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> RegisteredModel:
+    """The registered model called ``name``, its files checked to still be there."""
+    path = Path(path)
+    models = read_registry(path)
+    if name not in models:
+        raise UserError(_unknown_name_message(name, models, path))
+    entry = models[name]
+    missing = [field for field in FIELDS if field not in entry]
+    if missing:
+        raise UserError(f"model registry {path}: entry {name!r} lacks {', '.join(missing)}")
+    if entry["scope"] not in SCOPES:
+        raise UserError(f"model registry {path}: entry {name!r} has scope {entry['scope']!r}; "
+                        f"expected one of {', '.join(SCOPES)}")
+    experiment_dir = Path(os.path.abspath(_registry_folder(path) / entry["experiment_dir"]))
+    if not experiment_dir.is_dir():
+        raise UserError(f"model {name!r}: its experiment folder {experiment_dir} is gone (registered in {path})")
+    files = {field: Path(os.path.abspath(experiment_dir / entry[field])) for field in ("small_model", "mask")}
+    for field, file in files.items():
+        if not file.is_file():
+            raise UserError(f"model {name!r}: its {field.replace('_', ' ')} {file} is gone (registered in {path})")
+    return RegisteredModel(name=name, experiment_dir=experiment_dir, small_model=files["small_model"],
+                           mask=files["mask"], scope=entry["scope"], arch=entry["arch"])
+
+
+def _unknown_name_message(name: str, models: dict, path: Path) -> str:
+    if not models:
+        return (f"no model {name!r}: the model registry {path} is empty; add one with "
+                f"main_search_*.py --register NAME, or python -m gsparsity.registry NAME EXPERIMENT_FOLDER")
+    return f"no model {name!r} in the model registry {path}; known: {', '.join(sorted(models))}"
+
+
+def _registry_folder(path: Path) -> Path:
+    return Path(os.path.abspath(path)).parent
+
+
+# --- validating -------------------------------------------------------------------------
+
+def check_model_name(name: str) -> str:
+    """A registry name must be a Python identifier that is not a keyword."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise UserError(f"model name {name!r}: use a Python identifier (letters, digits and _, "
+                        f"not starting with a digit) that is not a Python keyword")
+    return name
+
+
+def _check_path_text(what: str, value: str | os.PathLike) -> str:
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None  # may be bytes
+    if not isinstance(text, str) or not text:
+        raise UserError(f"{what} must be a non-empty path, got {value!r}")
+    if any(unicodedata.category(character) in FORBIDDEN_CATEGORIES for character in text):
+        raise UserError(f"{what} {text!r}: control characters and line breaks are not allowed in paths")
+    return text
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise UserError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    return scope
+
+
+def _check_arch(arch: str) -> str:
+    if not isinstance(arch, str) or not arch.isidentifier():
+        raise UserError(f"arch must be an identifier such as resnet50, got {arch!r}")
+    return arch
+
+
+def _file_in_folder(what: str, folder: Path, file_name: str) -> str:
+    """``file_name`` as a path relative to the experiment folder, checked to exist there."""
+    file = Path(os.path.abspath(folder / file_name))
+    if not file.is_file():
+        raise UserError(f"{what} {file}: no such file")
+    try:
+        return file.relative_to(folder).as_posix()
+    except ValueError:
+        raise UserError(f"{what} {file}: must lie in the experiment folder {folder}") from None
+
+
+def _stored_experiment_dir(folder: Path, registry: Path) -> str:
+    """Relative to the registry's folder when under it (so the repo can move), else absolute."""
+    try:
+        return _check_path_text("experiment folder", folder.relative_to(_registry_folder(registry)).as_posix())
+    except ValueError:
+        return _check_path_text("experiment folder", str(folder))
+
+
+# --- writing ----------------------------------------------------------------------------
+
+def register(name: str, experiment_dir: str | os.PathLike, small_model: str, mask: str, scope: str,
+             arch: str, path: str | os.PathLike = DEFAULT_REGISTRY, overwrite: bool = False) -> None:
+    """Add (or with ``overwrite=True`` replace) the entry ``name`` in the registry file."""
+    path = Path(path)
+    check_model_name(name)
+    _check_scope(scope)
+    _check_arch(arch)
+    folder = Path(os.path.abspath(_check_path_text("experiment folder", experiment_dir)))
+    if not folder.is_dir():
+        raise UserError(f"experiment folder {folder}: no such folder")
+    entry = {
+        "experiment_dir": _stored_experiment_dir(folder, path),
+        "small_model": _file_in_folder("small model", folder, _check_path_text("small model", small_model)),
+        "mask": _file_in_folder("mask", folder, _check_path_text("mask", mask)),
+        "scope": scope,
+        "arch": arch,
+    }
+    source = _read_source(path)
+    models = _literal_models(_models_node(source, path), path)
+    if name in models and not overwrite:
+        raise UserError(f"model registry {path} already has {name!r} (experiment_dir "
+                        f"{models[name].get('experiment_dir')!r}); choose another name or overwrite it")
+    models[name] = entry
+    _write_models(path, source, models)
+    if read_registry(path).get(name) != entry:  # defence in depth: what is on disk is what we meant
+        raise UserError(f"model registry {path}: entry {name!r} did not read back as written")
+
+
+def unregister(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> None:
+    """Remove the entry ``name`` from the registry file (its files stay on disk)."""
+    path = Path(path)
+    source = _read_source(path)
+    models = _literal_models(_models_node(source, path), path)
+    if name not in models:
+        raise UserError(_unknown_name_message(name, models, path))
+    del models[name]
+    _write_models(path, source, models)
+
+
+def register_experiment(name: str, folder: str | os.PathLike, path: str | os.PathLike = DEFAULT_REGISTRY,
+                        overwrite: bool = False) -> RegisteredModel:
+    """Register the compressed model a search left in ``folder`` (its newest, if several).
+
+    Scope and arch are read from the small model file itself.
+    """
+    check_model_name(name)  # before any slow work, so a typo fails at once
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"experiment folder {folder}: no such folder")
+    small_models = [file for file in folder.iterdir() if SMALL_MODEL_PATTERN.fullmatch(file.name)]
+    if not small_models:
+        raise UserError(f"experiment folder {folder} holds no small_model_*.pth.tar: "
+                        f"has its search finished an epoch?")
+    small_model = max(small_models, key=lambda file: file.stat().st_mtime)
+    mask_name = f"mask_{SMALL_MODEL_PATTERN.fullmatch(small_model.name)['suffix']}.json"
+    saved = load_checkpoint(small_model)
+    register(name, folder, small_model.name, mask_name, saved.get("scope"), saved.get("arch"),
+             path=path, overwrite=overwrite)
+    return resolve(name, path)
+
+
+def _write_models(path: Path, source: str, models: dict[str, dict[str, str]]) -> None:
+    """Replace the source text of the MODELS literal, keeping every other byte of the file."""
+    node = _models_node(source, path)
+    start = _char_offset(source, node.lineno, node.col_offset)
+    end = _char_offset(source, node.end_lineno, node.end_col_offset)
+    new_source = source[:start] + _render(models, _newline_of(source)) + source[end:]
+    if _literal_models(_models_node(new_source, path), path) != models:  # never write what reads back wrong
+        raise UserError(f"model registry {path}: the rewritten registry would not read back; left unchanged")
+    atomic_write_text(path, new_source)
+
+
+def _render(models: dict[str, dict[str, str]], newline: str) -> str:
+    """The MODELS literal, one field per line; every value is ``repr()`` of a plain string."""
+    if not models:
+        return "{}"
+    lines = ["{"]
+    for name, entry in models.items():
+        lines.append(f"{INDENT}{name!r}: {{")
+        lines.extend(f"{INDENT * 2}{field!r}: {value!r}," for field, value in entry.items())
+        lines.append(f"{INDENT}}},")
+    lines.append("}")
+    return newline.join(lines)
+
+
+def _newline_of(source: str) -> str:
+    return "\r\n" if "\r\n" in source else "\n"
+
+
+def _char_offset(source: str, lineno: int, byte_column: int) -> int:
+    """Index in ``source`` of an ast position (1-based line, UTF-8 byte column)."""
+    line_starts = [0] + [match.end() for match in re.finditer(r"\r\n|\r|\n", source)]
+    line_start = line_starts[lineno - 1]
+    line_end = line_starts[lineno] if lineno < len(line_starts) else len(source)
+    line_bytes = source[line_start:line_end].encode("utf-8")
+    return line_start + len(line_bytes[:byte_column].decode("utf-8"))
+
+
+# --- command line -----------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gsparsity.registry",
+        description="Register the compressed model of a finished search under NAME, so that "
+                    "main_reduce_retrain_*.py --baseline_model=NAME can find it.")
+    parser.add_argument("name", help="a Python identifier, e.g. pretrained_conv12_mu_0_05")
+    parser.add_argument("experiment_folder", help="the search's folder (holding small_model_*.pth.tar)")
+    parser.add_argument("--registry", default=str(DEFAULT_REGISTRY), metavar="FILE",
+                        help="registry file to write (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
+    args = parser.parse_args(argv)
+    try:
+        entry = register_experiment(args.name, args.experiment_folder, args.registry, args.overwrite)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)  # the exit status of every tool for a user error
+    print(f"registered {entry.name!r} ({entry.arch}, {entry.scope}): {entry.small_model} in {args.registry}")
+
+
+if __name__ == "__main__":
+    main()

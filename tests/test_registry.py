@@ -1,0 +1,288 @@
+"""gsparsity.registry: list_of_models.py read as data, rewritten safely, looked up with clear errors.
+
+Every test works on a copy of the repository's list_of_models.py (the ``registry``
+fixture of conftest.py), never on the real one.
+"""
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsparsity.errors import UserError
+from gsparsity.registry import (RegisteredModel, main, read_registry, register, register_experiment, resolve,
+                                unregister)
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_MODEL = "small_model_conv12_1e-06.pth.tar"
+MASK = "mask_conv12_1e-06.json"
+HAND_COMMENT = "# kept by hand: models of the March runs\n"
+
+
+def make_experiment(parent: Path, name: str = "conv12_run", scope: str = "conv12") -> Path:
+    """A folder holding what a finished search leaves: a small model and its mask."""
+    folder = parent / name
+    folder.mkdir(parents=True)
+    torch.save({"scope": scope, "arch": "resnet50", "state_dict": {}},
+               folder / f"small_model_{scope}_1e-06.pth.tar")
+    (folder / f"mask_{scope}_1e-06.json").write_text("{}")
+    return folder
+
+
+def register_run(registry: Path, name: str, folder: Path, **options) -> None:
+    register(name, folder, SMALL_MODEL, MASK, "conv12", "resnet50", path=registry, **options)
+
+
+def import_models(path: Path) -> dict:
+    """MODELS of the file, as Python itself sees it (only ever done on a temporary copy)."""
+    spec = importlib.util.spec_from_file_location("registry_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+def test_repository_registry_starts_empty_and_reads_as_data():
+    assert read_registry(REPO / "list_of_models.py") == {}
+
+
+def test_registered_model_resolves_to_absolute_existing_paths(registry, tmp_path):
+    folder = make_experiment(tmp_path / "experiments")
+    register_run(registry, "pretrained_conv12_mu_0_05", folder)
+    assert resolve("pretrained_conv12_mu_0_05", registry) == RegisteredModel(
+        name="pretrained_conv12_mu_0_05", experiment_dir=folder, small_model=folder / SMALL_MODEL,
+        mask=folder / MASK, scope="conv12", arch="resnet50")
+
+
+def test_experiment_folder_under_the_registry_folder_is_stored_relative(registry, tmp_path):
+    folder = make_experiment(tmp_path / "experiments")
+    register_run(registry, "run", folder)
+    assert read_registry(registry)["run"] == {
+        "experiment_dir": "experiments/conv12_run", "small_model": SMALL_MODEL, "mask": MASK,
+        "scope": "conv12", "arch": "resnet50"}
+
+
+def test_experiment_folder_elsewhere_is_stored_absolute(tmp_path):
+    registry = tmp_path / "registry_home" / "list_of_models.py"
+    registry.parent.mkdir()
+    registry.write_text("MODELS = {}\n")
+    folder = make_experiment(tmp_path / "elsewhere")
+    register_run(registry, "run", folder)
+    assert read_registry(registry)["run"]["experiment_dir"] == str(folder)
+    assert resolve("run", registry).experiment_dir == folder
+
+
+def test_relative_registry_survives_moving_the_whole_tree(registry, tmp_path):
+    register_run(registry, "run", make_experiment(tmp_path / "experiments"))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    registry.rename(moved / registry.name)
+    (tmp_path / "experiments").rename(moved / "experiments")
+    assert resolve("run", moved / registry.name).small_model == moved / "experiments" / "conv12_run" / SMALL_MODEL
+
+
+def test_written_registry_is_python_whose_models_match_read_registry(registry, tmp_path):
+    register_run(registry, "first", make_experiment(tmp_path, "a"))
+    register_run(registry, "second", make_experiment(tmp_path, "b"))
+    assert import_models(registry) == read_registry(registry)
+    assert list(read_registry(registry)) == ["first", "second"]
+
+
+def test_rewrite_keeps_the_docstring_and_hand_written_comments_byte_for_byte(registry, tmp_path):
+    original = registry.read_text()
+    registry.write_text(original + HAND_COMMENT)
+    register_run(registry, "run", make_experiment(tmp_path))
+    rewritten = registry.read_text()
+    docstring = ast.get_docstring(ast.parse(original), clean=False)
+    assert docstring and docstring in rewritten
+    models_at = original.index("MODELS = ")
+    assert rewritten.startswith(original[:models_at])  # everything above the literal, unchanged
+    assert rewritten.endswith(HAND_COMMENT)
+
+
+def test_code_around_the_literal_is_kept(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    before, after = "import os  # users' own code\r\nX = 1\r\n", "  # trailing note\r\nY = [MODELS]\r\n"
+    registry.write_bytes(f"{before}MODELS: dict = {{\r\n    # old note\r\n}}{after}".encode())
+    register_run(registry, "run", make_experiment(tmp_path))
+    rewritten = registry.read_bytes().decode()
+    assert rewritten.startswith(before + "MODELS: dict = {")
+    assert rewritten.endswith("}" + after)
+    assert "\n" not in rewritten.replace("\r\n", "")  # keeps the file's CRLF line ends
+    assert read_registry(registry)["run"]["scope"] == "conv12"
+
+
+def test_non_ascii_text_before_the_literal_is_kept(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    registry.write_text('NOTE = "Modèle réduit: ½ filters"; MODELS = {}\n', encoding="utf-8")
+    register_run(registry, "run", make_experiment(tmp_path))
+    assert registry.read_text(encoding="utf-8").startswith('NOTE = "Modèle réduit: ½ filters"; MODELS = {\n')
+    assert list(read_registry(registry)) == ["run"]
+
+
+def test_hand_edited_entries_with_comments_and_odd_formatting_are_read(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    registry.write_text('"""Mine."""\nMODELS = {  # mine\n  "a" : {"scope":"conv12",   # note\n'
+                        '"arch": \'resnet18\'},\n}\n')
+    assert read_registry(registry) == {"a": {"scope": "conv12", "arch": "resnet18"}}
+
+
+def test_registering_after_unregistering_leaves_an_empty_literal(registry, tmp_path):
+    register_run(registry, "run", make_experiment(tmp_path))
+    unregister("run", registry)
+    assert read_registry(registry) == {}
+    assert "MODELS = {}" in registry.read_text()
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["1abc", "a-b", "class", "x; import os", "a\nb", ""])
+def test_invalid_names_are_refused_and_the_file_untouched(registry, tmp_path, name):
+    folder = make_experiment(tmp_path)
+    before = registry.read_bytes()
+    with pytest.raises(UserError, match="Python identifier"):
+        register_run(registry, name, folder)
+    assert registry.read_bytes() == before
+
+
+@pytest.mark.parametrize("field", ["small_model", "mask", "experiment_dir"])
+def test_paths_with_line_breaks_are_refused(registry, tmp_path, field):
+    folder = make_experiment(tmp_path)
+    paths = {"experiment_dir": str(folder), "small_model": SMALL_MODEL, "mask": MASK}
+    paths[field] += "\nimport os"
+    with pytest.raises(UserError, match="line breaks are not allowed"):
+        register("run", paths["experiment_dir"], paths["small_model"], paths["mask"], "conv12", "resnet50",
+                 path=registry)
+
+
+def test_quote_tricks_in_paths_stay_plain_data_and_never_run(registry, tmp_path, capfd):
+    trick = '", "x": __import__("os").system("echo INJECTED")#'
+    folder = make_experiment(tmp_path, trick)
+    small_model = folder / f"{trick}.pth.tar"
+    small_model.write_bytes(b"")
+    register("run", folder, small_model.name, MASK, "conv12", "resnet50", path=registry)
+    models = import_models(registry)  # Python runs the rewritten file: nothing must execute
+    assert "INJECTED" not in capfd.readouterr().out
+    assert models == read_registry(registry)
+    assert set(models) == {"run"}
+    assert models["run"]["small_model"] == small_model.name
+
+
+def test_invalid_scope_and_arch_are_refused(registry, tmp_path):
+    folder = make_experiment(tmp_path)
+    with pytest.raises(UserError, match="scope must be one of conv12, all_conv"):
+        register("run", folder, SMALL_MODEL, MASK, "conv3", "resnet50", path=registry)
+    with pytest.raises(UserError, match="arch must be an identifier"):
+        register("run", folder, SMALL_MODEL, MASK, "conv12", "resnet50()", path=registry)
+
+
+def test_missing_experiment_folder_or_file_is_refused_at_registration(registry, tmp_path):
+    folder = make_experiment(tmp_path)
+    with pytest.raises(UserError, match="no such folder"):
+        register_run(registry, "run", tmp_path / "absent")
+    with pytest.raises(UserError, match="no_mask.json: no such file"):
+        register("run", folder, SMALL_MODEL, "no_mask.json", "conv12", "resnet50", path=registry)
+
+
+def test_files_outside_the_experiment_folder_are_refused(registry, tmp_path):
+    folder = make_experiment(tmp_path)
+    other = make_experiment(tmp_path, "other")
+    with pytest.raises(UserError, match="must lie in the experiment folder"):
+        register("run", folder, f"../{other.name}/{SMALL_MODEL}", MASK, "conv12", "resnet50", path=registry)
+
+
+def test_existing_name_is_refused_then_replaced_with_overwrite(registry, tmp_path):
+    first, second = make_experiment(tmp_path, "first"), make_experiment(tmp_path, "second")
+    register_run(registry, "run", first)
+    with pytest.raises(UserError, match="already has 'run' \\(experiment_dir 'first'\\)"):
+        register_run(registry, "run", second)
+    assert resolve("run", registry).experiment_dir == first
+    register_run(registry, "run", second, overwrite=True)
+    assert resolve("run", registry).experiment_dir == second
+    assert list(read_registry(registry)) == ["run"]
+
+
+def test_unknown_name_lists_the_known_names(registry, tmp_path):
+    register_run(registry, "beta", make_experiment(tmp_path, "b"))
+    register_run(registry, "alpha", make_experiment(tmp_path, "a"))
+    with pytest.raises(UserError, match="no model 'gamma' .*; known: alpha, beta"):
+        resolve("gamma", registry)
+
+
+def test_unknown_name_in_an_empty_registry_says_how_to_add_one(registry):
+    with pytest.raises(UserError, match="is empty; add one with main_search_\\*.py --register NAME"):
+        resolve("anything", registry)
+
+
+def test_deleted_experiment_folder_is_reported_at_lookup(registry, tmp_path):
+    folder = make_experiment(tmp_path)
+    register_run(registry, "run", folder)
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+    with pytest.raises(UserError, match=f"experiment folder {folder} is gone"):
+        resolve("run", registry)
+
+
+def test_deleted_small_model_is_reported_at_lookup(registry, tmp_path):
+    folder = make_experiment(tmp_path)
+    register_run(registry, "run", folder)
+    (folder / SMALL_MODEL).unlink()
+    with pytest.raises(UserError, match=f"small model {folder / SMALL_MODEL} is gone"):
+        resolve("run", registry)
+
+
+def test_registry_with_a_syntax_error_is_a_user_error(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    registry.write_text("MODELS = {\n    'a': {\n")
+    with pytest.raises(UserError, match="syntax error on line"):
+        read_registry(registry)
+
+
+def test_missing_registry_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        read_registry(tmp_path / "list_of_models.py")
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("X = {}\n", "no 'MODELS = {...}'"),
+    ("MODELS = dict(a={})\n", "must be a literal dict"),
+    ("MODELS = __import__('os').system('echo INJECTED')\n", "must be a literal dict"),
+    ("MODELS = []\n", "is a list, not a dict"),
+    ("MODELS = {}\nMODELS = {}\n", "assigned 2 times"),
+    ("MODELS = {'a': {'scope': 12}}\n", "must be a string"),
+])
+def test_registry_without_one_literal_dict_of_strings_is_refused(tmp_path, capfd, source, problem):
+    registry = tmp_path / "list_of_models.py"
+    registry.write_text(source)
+    with pytest.raises(UserError, match=problem):
+        read_registry(registry)
+    assert "INJECTED" not in capfd.readouterr().out
+
+
+# --- registering a finished experiment ------------------------------------------------------------
+
+def test_register_experiment_finds_the_files_and_reads_scope_and_arch(registry, tmp_path):
+    folder = make_experiment(tmp_path, scope="all_conv")
+    entry = register_experiment("run", folder, registry)
+    assert (entry.scope, entry.arch) == ("all_conv", "resnet50")
+    assert entry.small_model == folder / "small_model_all_conv_1e-06.pth.tar"
+    assert entry.mask == folder / "mask_all_conv_1e-06.json"
+
+
+def test_register_experiment_without_a_small_model_is_refused(registry, tmp_path):
+    with pytest.raises(UserError, match="holds no small_model_"):
+        register_experiment("run", tmp_path, registry)
+
+
+def test_command_line_registers_and_reports_errors_in_one_line(registry, tmp_path, capsys):
+    folder = make_experiment(tmp_path)
+    argv = ["run", str(folder), "--registry", str(registry)]
+    main(argv)
+    assert "registered 'run'" in capsys.readouterr().out
+    assert resolve("run", registry).experiment_dir == folder
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "already has 'run'" in error and error.count("\n") == 1
