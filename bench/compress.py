@@ -1,0 +1,75 @@
+"""Time mask + build + transfer of a ResNet-50 with about half its filters pruned.
+
+    python bench/compress.py [--repeats 7] [--arch resnet50] [--threads N]
+
+Target: under 0.5 s on a CPU for each scope. Prints the median over the repeats of
+compute_mask, build_pruned_resnet and transfer_model_parameters (and their total),
+for a random conv12 mask and a random all_conv mask, each at ~50% filters kept.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gsparsity.masks import compute_mask, transfer_model_parameters  # noqa: E402
+from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
+from gsparsity.structure import prunable_convs  # noqa: E402
+
+TARGET_SECONDS = 0.5
+
+
+def sparse_model(arch: str, scope: str) -> torch.nn.Module:
+    """A full model in which a random half of the prunable filters are zero."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    with torch.no_grad():
+        for prunable in prunable_convs(model, scope):
+            pruned = torch.rand(prunable.conv.out_channels) < 0.5
+            prunable.conv.weight[pruned] = 0
+    return model
+
+
+def time_once(model: torch.nn.Module, arch: str, scope: str) -> dict[str, float]:
+    timings = {}
+    start = time.perf_counter()
+    mask = compute_mask(model, scope=scope)
+    timings["mask"] = time.perf_counter() - start
+    start = time.perf_counter()
+    small = build_pruned_resnet(arch, mask, scope)
+    timings["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    transfer_model_parameters(model, small, mask, scope)
+    timings["transfer"] = time.perf_counter() - start
+    timings["total"] = sum(timings.values())
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"$ python {' '.join(sys.argv)}")
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} repeats")
+    for scope in ("conv12", "all_conv"):
+        model = sparse_model(args.arch, scope)
+        runs = [time_once(model, args.arch, scope) for _ in range(args.repeats)]
+        medians = {step: statistics.median(run[step] for run in runs) for step in runs[0]}
+        verdict = "ok" if medians["total"] < TARGET_SECONDS else "OVER TARGET"
+        steps = ", ".join(f"{step} {seconds:.3f} s" for step, seconds in medians.items() if step != "total")
+        total = medians["total"]
+        print(f"{args.arch} {scope}: {total:.3f} s ({steps}); target < {TARGET_SECONDS} s: {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The small dense ResNet that a mask describes, built from the mask alone.
+
+``build_pruned_resnet`` starts from torchvision's model (so module names and
+state_dict keys are torchvision's) and swaps every conv/BatchNorm whose width the
+mask changes for a narrower one: a prunable conv keeps ``len(kept_indices(row))``
+filters, its BN as many channels, and its consumer conv as many input channels
+(the same ``masks.channel_plan`` that ``transfer_model_parameters`` slices weights by).
+
+Scope ``conv12`` leaves the last conv of each block at full width, so the blocks stay
+torchvision's own classes. Scope ``all_conv`` narrows the last conv too, while the
+residual path (identity or downsample) keeps its full width: each block becomes a
+``PrunedResidualBlock`` that adds its narrow branch into the full-width residual at
+the kept channel positions.
+
+The model is laid out on the meta device first and materialised once, so no time
+is spent initialising layers that are then replaced.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .masks import Mask, channel_plan, check_mask, kept_indices, reference_model
+from .structure import branch_chain, check_scope, residual_blocks
+
+# Every torchvision ResNet made of BasicBlock/Bottleneck with groups=1.
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "wide_resnet50_2", "wide_resnet101_2",
+)
+
+
+class PrunedResidualBlock(nn.Module):
+    """A torchvision residual block whose last conv keeps only some of its filters.
+
+    Children keep torchvision's names (conv1, bn1, ..., relu, downsample), so the
+    state_dict is torchvision's plus ``residual_bias``: a full-width constant added
+    to the residual (zeros unless constants of pruned channels were folded into it).
+    ``kept_out`` (positions of the kept filters in the full width) is rebuilt from
+    the mask and therefore not saved.
+    """
+
+    is_residual_block = True  # so that structure.residual_blocks finds it
+
+    def __init__(self, block: nn.Module, last_conv_mask_row: torch.Tensor) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        if "downsample" not in self._modules:
+            self.downsample = None
+        self.stride = getattr(block, "stride", 1)
+        self.chain = tuple(branch_chain(block))
+        device = next(block.parameters()).device
+        self.register_buffer("kept_out", kept_indices(last_conv_mask_row).to(device), persistent=False)
+        self.register_buffer("residual_bias", torch.zeros(last_conv_mask_row.numel(), device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = x
+        for position, (conv_name, bn_name) in enumerate(self.chain):
+            branch = getattr(self, bn_name)(getattr(self, conv_name)(branch))
+            if position < len(self.chain) - 1:
+                branch = self.relu(branch)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = identity.index_add(1, self.kept_out, branch.to(identity.dtype))
+        out = out + self.residual_bias.to(out.dtype).view(1, -1, 1, 1)
+        return self.relu(out)
+
+    def extra_repr(self) -> str:
+        return f"kept_out={self.kept_out.numel()} of {self.residual_bias.numel()} channels"
+
+
+def build_pruned_resnet(arch: str, mask: Mask, scope: str, num_classes: int = 1000) -> nn.Module:
+    """torchvision's ``arch`` keeping only the mask's channels, freshly initialised as torchvision does."""
+    check_scope(scope)
+    model = reference_model(arch, num_classes)
+    _check_supported(model, arch)
+    check_mask(mask, model, scope)
+    with torch.device("meta"):
+        _narrow_layers(model, mask, scope)
+    model.to_empty(device="cpu")
+    _initialise_like_torchvision(model)
+    if scope == "all_conv":
+        _wrap_blocks(model, mask)
+    return model
+
+
+def scope_builders(scope: str) -> dict[str, Callable[..., nn.Module]]:
+    """{arch: function(mask, num_classes=1000)} for every ARCHS entry, building with ``scope``.
+
+    These are the functions of ``models_with_reduce_conv12.py`` and
+    ``models_with_reduce_all_conv.py``.
+    """
+    check_scope(scope)
+
+    def builder(arch: str) -> Callable[..., nn.Module]:
+        def build(mask: Mask, num_classes: int = 1000) -> nn.Module:
+            return build_pruned_resnet(arch, mask, scope, num_classes)
+
+        build.__name__ = build.__qualname__ = arch
+        build.__doc__ = f"torchvision's {arch} keeping only the filters of ``mask`` (scope {scope})."
+        return build
+
+    return {arch: builder(arch) for arch in ARCHS}
+
+
+def _check_supported(model: nn.Module, arch: str) -> None:
+    if next(residual_blocks(model), None) is None:
+        raise UserError(f"{arch} is not a ResNet made of BasicBlock/Bottleneck blocks")
+    if any(isinstance(module, nn.Conv2d) and module.groups != 1 for module in model.modules()):
+        raise UserError(f"{arch} has grouped convolutions (ResNeXt), which cannot be pruned yet")
+
+
+def _narrow_layers(model: nn.Module, mask: Mask, scope: str) -> None:
+    """Swap every conv/BN that the channel plan narrows for one with the planned widths."""
+    for name, (outputs, inputs) in channel_plan(model, mask, scope).items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            out_channels = layer.out_channels if outputs is None else outputs.numel()
+            in_channels = layer.in_channels if inputs is None else inputs.numel()
+            _replace_module(model, name, _resized_conv(layer, in_channels, out_channels))
+        elif isinstance(layer, nn.BatchNorm2d):
+            _replace_module(model, name, _resized_bn(layer, outputs.numel()))
+        else:
+            raise UserError(f"{name}: cannot narrow a {type(layer).__name__}")
+
+
+def _resized_conv(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _resized_bn(bn: nn.BatchNorm2d, channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(
+        channels,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    )
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def _initialise_like_torchvision(model: nn.Module) -> None:
+    """torchvision's ResNet init: Kaiming-normal (fan_out) convs, default init of everything else."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:  # torchvision's ResNet convs have none
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # BN: weight 1, bias 0, fresh running stats; Linear: default
+
+
+def _wrap_blocks(model: nn.Module, mask: Mask) -> None:
+    """all_conv: every block adds its (narrow) branch into the full-width residual."""
+    for block_name, block in list(residual_blocks(model)):
+        last_conv_name = branch_chain(block)[-1][0]
+        row = mask[f"{block_name}.{last_conv_name}"]
+        _replace_module(model, block_name, PrunedResidualBlock(block, row))

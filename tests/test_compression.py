@@ -1,0 +1,255 @@
+"""Compression: the small model computes what the sparse full model computes, with fewer weights."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import models_with_reduce_all_conv
+import models_with_reduce_conv12
+from gsparsity.errors import UserError
+from gsparsity.masks import compress_model, compute_mask, transfer_model_parameters
+from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, build_pruned_resnet
+from gsparsity.structure import prunable_convs, residual_blocks
+
+NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny inputs: extra threads only add overhead, and erratic delays on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel: the real model sits in ``.module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def full_model(arch: str, seed: int = 0) -> nn.Module:
+    """A full model whose BNs are not the identity, so that every channel matters."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def random_mask(model: nn.Module, scope: str, seed: int = 0) -> dict:
+    """About half the filters of every layer, and one layer with every filter pruned."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = {
+        prunable.name: torch.rand(prunable.conv.out_channels, generator=generator) < 0.5
+        for prunable in prunable_convs(model, scope)
+    }
+    mask[next(iter(mask))][:] = False
+    return mask
+
+
+def keep_all_but(model: nn.Module, scope: str, pruned_convs: tuple, seed: int = 0) -> dict:
+    """Half the filters of the convs whose name ends with one of ``pruned_convs``, all of the others."""
+    mask = random_mask(model, scope, seed)
+    return {
+        name: row if name.endswith(pruned_convs) else torch.ones_like(row) for name, row in mask.items()
+    }
+
+
+def plant_zeros(model: nn.Module, mask: dict, scope: str, group: str) -> None:
+    """What ProxSGD leaves: pruned filters are zero; with group="channel" their BN weight and bias too."""
+    with torch.no_grad():
+        for prunable in prunable_convs(model, scope):
+            pruned = ~mask[prunable.name]
+            prunable.conv.weight[pruned] = 0
+            if group == "channel":
+                prunable.bn.weight[pruned] = 0
+                prunable.bn.bias[pruned] = 0
+
+
+def relative_deviation(full: nn.Module, small: nn.Module, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected, actual = full.eval()(batch), small.eval()(batch)
+    return ((expected - actual).abs().max() / expected.abs().max()).item()
+
+
+def images(size: int = 64) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_compressed_model_matches_the_full_model_when_pruned_channels_are_zero(arch, scope):
+    full = full_model(arch)
+    mask = random_mask(full, scope)
+    plant_zeros(full, mask, scope, group="channel")
+    small = compress_model(full, mask, scope)
+    assert relative_deviation(full, small, images()) < 1e-5
+
+
+@pytest.mark.parametrize("scope, pruned_convs", [("conv12", ("conv2",)), ("all_conv", ("conv2", "conv3"))])
+def test_filter_pruning_is_exact_when_pruned_channels_feed_1x1_convs_or_the_residual(scope, pruned_convs):
+    full = full_model("resnet50")
+    mask = keep_all_but(full, scope, pruned_convs)
+    plant_zeros(full, mask, scope, group="filter")
+    small = compress_model(full, mask, scope, check_input=images())
+    assert small.output_deviation["relative"] < 1e-5
+    assert relative_deviation(full, small, images()) < 1e-5
+
+
+def test_filter_pruning_deviates_at_the_border_when_pruned_channels_feed_3x3_convs():
+    full = full_model("resnet50")
+    mask = keep_all_but(full, "conv12", ("conv1",))
+    plant_zeros(full, mask, "conv12", group="filter")
+    small = compress_model(full, mask, "conv12", check_input=images())
+    deviation = small.output_deviation
+    assert 1e-5 < deviation["relative"] < 1
+    assert deviation["max_abs"] == pytest.approx(deviation["relative"] * full(images()).abs().max().item())
+
+
+def test_filter_pruning_without_folding_would_not_be_exact():
+    """Guards the folding test above: the BN constants of pruned filters do matter."""
+    full = full_model("resnet50")
+    mask = keep_all_but(full, "conv12", ("conv2",))
+    plant_zeros(full, mask, "conv12", group="filter")
+    unfolded = build_pruned_resnet("resnet50", mask, "conv12", NUM_CLASSES)
+    transfer_model_parameters(full, unfolded, mask, "conv12")
+    bn_state = {key: value for key, value in full.state_dict().items() if "bn3.running_mean" in key}
+    unfolded.load_state_dict(bn_state, strict=False)  # undo the folding into conv3's BN
+    assert relative_deviation(full, unfolded, images()) > 1e-3
+
+
+def test_compression_works_on_a_wrapped_full_model():
+    full = full_model("resnet18")
+    mask = random_mask(full, "all_conv")
+    plant_zeros(full, mask, "all_conv", group="channel")
+    small = compress_model(Wrapper(full), mask, "all_conv")
+    assert relative_deviation(full, small, images()) < 1e-5
+
+
+def test_compressed_model_keeps_the_full_models_train_mode():
+    full = full_model("resnet18").train()
+    small = compress_model(full, random_mask(full, "conv12"), "conv12")
+    assert small.training and all(module.training for module in small.modules())
+
+
+def test_compressed_all_conv_model_trains_end_to_end():
+    full = full_model("resnet18")
+    small = compress_model(full, random_mask(full, "all_conv"), "all_conv").train()
+    small(images(32)).sum().backward()
+    assert all(parameter.grad is not None for parameter in small.parameters())
+
+
+def test_compressed_model_infers_the_arch_of_the_full_model():
+    full = full_model("resnet34")
+    small = compress_model(full, random_mask(full, "conv12"), "conv12")
+    assert len(list(residual_blocks(small))) == len(list(residual_blocks(full)))
+
+
+def test_compressed_model_has_the_widths_of_the_mask_and_one_channel_for_an_empty_layer():
+    full = full_model("resnet50")
+    mask = random_mask(full, "all_conv")
+    small = compress_model(full, mask, "all_conv")
+    for prunable in prunable_convs(small, "all_conv"):
+        expected_width = max(int(mask[prunable.name].sum()), 1)
+        assert prunable.conv.out_channels == expected_width == prunable.bn.num_features, prunable.name
+
+
+def hand_count_resnet18(kept: dict, num_classes: int) -> int:
+    """Parameters of a resnet18 whose block convs keep ``kept[name]`` filters, from the paper's layout."""
+    count = 3 * 64 * 7 * 7 + 2 * 64  # stem conv + BN
+    in_channels = 64
+    for stage, width in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            conv1 = kept.get(f"layer{stage}.{block}.conv1", width)
+            conv2 = kept.get(f"layer{stage}.{block}.conv2", width)
+            count += in_channels * conv1 * 9 + 2 * conv1 + conv1 * conv2 * 9 + 2 * conv2
+            if in_channels != width:  # downsample: 1x1 conv + BN, full width
+                count += in_channels * width + 2 * width
+            in_channels = width
+    return count + 512 * num_classes + num_classes
+
+
+def test_hand_count_of_the_full_resnet18_matches_torchvision():
+    model = torchvision.models.resnet18(weights=None)
+    assert hand_count_resnet18({}, 1000) == sum(parameter.numel() for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+def test_compressed_parameter_count_equals_a_hand_count(scope):
+    full = full_model("resnet18")
+    mask = {name: torch.zeros_like(row) for name, row in compute_mask(full, scope=scope).items()}
+    for name in mask:
+        mask[name][[0, 2, 5]] = True
+    mask["layer2.1.conv1"][:] = False  # every filter pruned: one channel stays
+    kept = {name: 3 for name in mask} | {"layer2.1.conv1": 1}
+    small = compress_model(full, mask, scope)
+    counted = sum(parameter.numel() for parameter in small.parameters())
+    assert counted == hand_count_resnet18(kept, NUM_CLASSES)
+
+
+def test_conv12_state_dict_keys_are_torchvisions():
+    full = full_model("resnet50")
+    small = compress_model(full, random_mask(full, "conv12"), "conv12")
+    assert list(small.state_dict()) == list(full.state_dict())
+
+
+def test_all_conv_state_dict_keys_are_torchvisions_plus_one_residual_bias_per_block():
+    full = full_model("resnet50")
+    small = compress_model(full, random_mask(full, "all_conv"), "all_conv")
+    block_biases = [f"{name}.residual_bias" for name, _ in residual_blocks(full)]
+    assert sorted(small.state_dict()) == sorted(list(full.state_dict()) + block_biases)
+
+
+def test_all_conv_blocks_are_found_as_residual_blocks_by_the_structure_walk():
+    full = full_model("resnet18")
+    small = compress_model(full, random_mask(full, "all_conv"), "all_conv")
+    blocks = list(residual_blocks(small))
+    assert [name for name, _ in blocks] == [name for name, _ in residual_blocks(full)]
+    assert all(isinstance(block, PrunedResidualBlock) for _, block in blocks)
+
+
+def test_a_compressed_state_dict_loads_into_a_model_built_from_the_mask_alone():
+    full = full_model("resnet50")
+    mask = random_mask(full, "all_conv")
+    plant_zeros(full, mask, "all_conv", group="filter")
+    small = compress_model(full, mask, "all_conv")
+    rebuilt = models_with_reduce_all_conv.resnet50(mask, num_classes=NUM_CLASSES)
+    rebuilt.load_state_dict(small.state_dict())
+    assert relative_deviation(small, rebuilt, images()) == 0
+
+
+@pytest.mark.parametrize("module", [models_with_reduce_conv12, models_with_reduce_all_conv])
+def test_root_modules_offer_a_builder_per_arch_with_their_scope(module):
+    mask = random_mask(full_model("resnet18"), module.SCOPE)
+    small = module.resnet18(mask, num_classes=NUM_CLASSES)
+    assert set(ARCHS) <= set(dir(module))
+    assert [prunable.name for prunable in prunable_convs(small, module.SCOPE)] == list(mask)
+    assert small.layer1[0].conv1.out_channels == max(int(mask["layer1.0.conv1"].sum()), 1)
+
+
+def test_transfer_refuses_a_small_model_built_from_another_mask():
+    full = full_model("resnet18")
+    mask = random_mask(full, "conv12", seed=0)
+    other = build_pruned_resnet("resnet18", random_mask(full, "conv12", seed=1), "conv12", NUM_CLASSES)
+    with pytest.raises(UserError, match="another mask"):
+        transfer_model_parameters(full, other, mask, "conv12")
+
+
+def test_build_refuses_grouped_convolutions():
+    mask = random_mask(torchvision.models.resnext50_32x4d(weights=None), "conv12")
+    with pytest.raises(UserError, match="grouped convolutions"):
+        build_pruned_resnet("resnext50_32x4d", mask, "conv12")
+
+
+def test_build_refuses_an_architecture_that_is_not_a_resnet():
+    with pytest.raises(UserError, match="not a ResNet"):
+        build_pruned_resnet("vgg11", {}, "conv12")
