@@ -1,0 +1,149 @@
+"""Command-line flags of the top-level scripts.
+
+Names and defaults follow pytorch/examples' ImageNet script and the original
+GSparsity scripts, so their users feel at home. ``build_parser(kind)`` gives the
+parser of one workflow: ``"search"``, ``"retrain"`` or ``"original"``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Sequence
+
+from .errors import UserError
+from .registry import check_model_name
+
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "wide_resnet50_2", "wide_resnet101_2",
+)
+
+# Defaults that differ between workflows: (lr, weight_decay, epochs).
+WORKFLOW_DEFAULTS = {
+    "search": (1e-3, 0.05, 60),  # weight_decay is the group-lasso gain mu here
+    "retrain": (0.1, 1e-4, 90),
+    "original": (0.1, 1e-4, 90),
+}
+
+DESCRIPTIONS = {
+    "search": "Search: train with ProxSGD so that whole filters become zero, then compress.",
+    "retrain": "Retrain a compressed model registered in list_of_models.py.",
+    "original": "Train or evaluate the unpruned model.",
+}
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    lr, weight_decay, epochs = WORKFLOW_DEFAULTS[kind]
+    parser = argparse.ArgumentParser(description=DESCRIPTIONS[kind])
+    add = parser.add_argument
+    add("--data", metavar="DIR", default=None,
+        help="ImageFolder root holding train/ and val/, or 'demo' for the handwritten digits "
+             "that ship with scikit-learn")
+    add("-a", "--arch", default="resnet50", choices=ARCHS)
+    add("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers per process")
+    add("--epochs", default=epochs, type=int, metavar="N")
+    add("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (useful on restarts)")
+    add("-b", "--batch-size", default=256, type=int, metavar="N",
+        help="global batch size, split across all processes")
+    add("--lr", "--learning-rate", default=lr, type=float, dest="lr")
+    add("--momentum", default=0.9, type=float)
+    wd_help = ("group-lasso gain mu (layer-adaptive: doubled in layer2 and layer3)"
+               if kind == "search" else "L2 weight decay")
+    add("--weight_decay", "--wd", "--weight-decay", default=weight_decay, type=float,
+        dest="weight_decay", help=wd_help)
+    add("--lr-scheduler", default="step", choices=("step", "cosine"),
+        help="step: x0.1 every --lr-step epochs; cosine: to zero over --epochs")
+    add("--lr-step", default=30, type=int, metavar="N")
+    add("-p", "--print-freq", default=10, type=int, metavar="N")
+    add("--resume", default=None, metavar="DIR", help="experiment folder to continue")
+    add("-e", "--evaluate", action="store_true", help="evaluate on the validation set and stop")
+    add("--pretrained", nargs="?", const="torchvision", default=None, metavar="PATH",
+        help="start from weights: torchvision's IMAGENET1K_V1 from the local torch cache, "
+             "or PATH to a state_dict or one of our checkpoints")
+    add("--seed", default=None, type=int, help="makes CPU runs repeatable")
+    add("--dist-url", default="env://", help="process-group init method")
+    add("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+        help="auto: nccl on CUDA, gloo on CPU")
+    add("--world-size", default=-1, type=int,
+        help="number of nodes when spawning one process per GPU yourself (torchrun sets it)")
+    add("--rank", default=-1, type=int, help="node rank when spawning yourself (torchrun sets it)")
+    add("--gpu", default=None, type=int, help="use this one GPU only, no spawning")
+    add("--dist-timeout", default=30, type=float, metavar="MIN",
+        help="minutes a process waits for the others before giving up")
+    add("--path_to_save", default="experiments", metavar="DIR", help="where experiment folders go")
+    add("--run_id", default=None, help="suffix of the experiment folder name")
+    add("--image-size", default=224, type=int, help="train/val crop size (smaller for quick runs)")
+    add("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    add("--channels-last", action="store_true", help="channels_last memory format")
+    add("--dummy", action="store_true", help="synthetic data (FakeData) instead of --data")
+    add("--subset", default=None, type=int, metavar="N",
+        help="use only the first N train and N val images (quick runs and tests)")
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add("--registry", default=None, metavar="FILE",
+        help="model registry to use (default: list_of_models.py next to the scripts)")
+    if kind == "search":
+        add("--normalization", default="div", choices=("none", "mul", "div"),
+            help="scale mu by sqrt(filter size) (mul) or its inverse (div)")
+        add("--adaptive_lr", default=True, action=argparse.BooleanOptionalAction,
+            help="ProxSGD's per-filter adaptive step (on, as in the paper)")
+        add("--layer_adaptive", default=True, action=argparse.BooleanOptionalAction,
+            help="2*mu in layer2 and layer3 (on, as in the paper)")
+        add("--pruning_threshold", default=1e-6, type=float,
+            help="filters with a smaller L2 norm are pruned")
+        add("--group", default="filter", choices=("filter", "channel"),
+            help="filter: the conv filter alone (the paper's); channel: with its BN weight and "
+                 "bias, so that pruning is exact")
+        add("--register", default=None, metavar="NAME",
+            help="add the result to the model registry under NAME when the search ends")
+    if kind == "retrain":
+        add("--baseline_model", default=None, metavar="NAME",
+            help="name of the compressed model in list_of_models.py")
+    return parser
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the flags the user typed (used so --resume can let them override)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+
+
+def validate_args(args: argparse.Namespace, kind: str) -> None:
+    """Reject nonsense before any process starts or any file is written."""
+    def positive(name: str, value: float) -> None:
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"--{name} must be > 0, got {value}")
+
+    positive("lr", args.lr)
+    positive("epochs", args.epochs)
+    positive("batch-size", args.batch_size)
+    positive("image-size", args.image_size)
+    positive("print-freq", args.print_freq)
+    positive("lr-step", args.lr_step)
+    positive("dist-timeout", args.dist_timeout)
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UserError(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.momentum < 1 + 1e-12:
+        raise UserError(f"--momentum must be in [0, 1], got {args.momentum}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.start_epoch < 0:
+        raise UserError(f"--start-epoch must be >= 0, got {args.start_epoch}")
+    if args.subset is not None and args.subset < 1:
+        raise UserError(f"--subset must be >= 1, got {args.subset}")
+    if args.data is None and not args.dummy:
+        raise UserError("say where the images are: --data DIR (or --data demo, or --dummy)")
+    if kind == "search":
+        positive("pruning_threshold", args.pruning_threshold)
+        if args.momentum == 0:
+            raise UserError("--momentum must be > 0 for ProxSGD (it weighs the new gradient)")
+        if args.register is not None:
+            check_model_name(args.register)
+    if kind == "retrain" and args.baseline_model is None and args.resume is None:
+        raise UserError("say which compressed model to retrain: --baseline_model NAME "
+                        "(a name in list_of_models.py)")

@@ -1,0 +1,136 @@
+"""Processes and devices: one CPU, one GPU, several GPUs, several nodes.
+
+- Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) every
+  process joins the group given by ``--dist-url`` (``env://`` by default).
+- A plain ``python main_*.py`` on a node with several GPUs spawns one process per
+  GPU (``--world-size``/``--rank`` name the nodes, as in pytorch/examples).
+- Otherwise one process runs on one GPU or on the CPU, with no process group.
+NCCL is used on CUDA and gloo on CPU; no cluster-specific variable is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def resolve_device_type(requested: str) -> str:
+    """'cuda' or 'cpu' from --device; a clear error if CUDA is asked for but absent."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def processes_to_spawn(args: argparse.Namespace) -> int:
+    """How many processes this node should spawn itself (1: run in this process)."""
+    if launched_by_torchrun() or args.gpu is not None:
+        return 1
+    if resolve_device_type(args.device) != "cuda":
+        return 1
+    return torch.cuda.device_count()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> None:
+    """Fill in what spawned processes need to find each other on one node."""
+    if args.dist_url == "env://":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    nodes = max(args.world_size, 1)
+    args.node_rank = max(args.rank, 0)
+    args.world_size = nodes * gpus_per_node
+
+
+def setup(args: argparse.Namespace, local_index: int | None = None) -> DistContext:
+    """Join the process group (if any) and pick this process's device."""
+    device_type = resolve_device_type(args.device)
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    elif local_index is not None:  # spawned by this node, one process per GPU
+        local_rank = local_index
+        rank = args.node_rank * torch.cuda.device_count() + local_index
+        world_size = args.world_size
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+
+    if device_type == "cuda":
+        index = args.gpu if args.gpu is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"GPU {index} asked for, but only {torch.cuda.device_count()} visible")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    if world_size > 1:
+        backend = args.dist_backend
+        if backend == "auto":
+            backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=args.dist_timeout),
+            **({"device_id": device} if device_type == "cuda" else {}),
+        )
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the experiment folder name)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,115 @@
+"""The experiment folder: its name, run_info.json, _log.txt and TensorBoard events.
+
+Only rank 0 writes; the folder name is decided on rank 0 and broadcast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+from .distributed import DistContext, broadcast_object
+from .errors import UserError
+
+RUN_INFO = "run_info.json"
+LOG_FILE = "_log.txt"
+log = logging.getLogger("gsparsity")
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def create_experiment_dir(args: argparse.Namespace, name: str, ctx: DistContext) -> Path:
+    """Make ``<path_to_save>/<name>[_<run_id>]``; never reuse an existing folder."""
+    folder = None
+    if ctx.is_main:
+        if args.run_id:
+            name = f"{name}_{args.run_id}"
+        folder = Path(args.path_to_save) / name
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir()
+        except FileExistsError:
+            folder = f"error: experiment folder {folder} already exists; it is never overwritten " \
+                     f"(use --resume {folder} to continue it, or another --run_id)"
+        except OSError as error:
+            folder = f"error: cannot create experiment folder {folder}: {error.strerror}"
+    folder = broadcast_object(str(folder))
+    if folder.startswith("error: "):
+        raise UserError(folder[len("error: "):])
+    return Path(folder)
+
+
+def write_run_info(folder: Path, args: argparse.Namespace, script: str, extra: dict[str, Any]) -> None:
+    info = {"script": script, "argv": sys.argv[1:], "args": vars(args), **extra}
+    atomic_write_text(folder / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def read_run_info(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / RUN_INFO
+    if not Path(folder).is_dir():
+        raise UserError(f"--resume {folder}: no such experiment folder")
+    if not path.is_file():
+        raise UserError(f"--resume {folder}: no {RUN_INFO} in it, so it is not an experiment folder")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"--resume {folder}: {RUN_INFO} is unreadable ({error})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("args"), dict):
+        raise UserError(f"--resume {folder}: {RUN_INFO} has no 'args' record")
+    return info
+
+
+def setup_logging(folder: Path | None, ctx: DistContext) -> None:
+    """Rank 0 logs INFO to stdout and _log.txt; other ranks only warnings."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if folder is not None and ctx.is_main:
+        to_file = logging.FileHandler(folder / LOG_FILE)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(to_file)
+
+
+class Scalars:
+    """TensorBoard scalars on rank 0; does nothing elsewhere."""
+
+    def __init__(self, folder: Path | None, ctx: DistContext) -> None:
+        self.writer = None
+        if ctx.is_main and folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def add_group(self, tag: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalars(tag, values, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def open_experiment(args: argparse.Namespace, ctx: DistContext, name: str) -> Path | None:
+    """The folder of this run: the resumed one, a new one, or none for --evaluate."""
+    if args.resume:
+        folder = Path(args.resume)
+    elif args.evaluate:
+        folder = None
+    else:
+        folder = create_experiment_dir(args, name, ctx)
+    setup_logging(folder, ctx)
+    return folder

@@ -1,0 +1,82 @@
+"""Retrain a compressed model: rebuild it from its mask, load the inherited weights,
+show what compression cost, then train it with SGD."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .complexity import count_macs_params, format_macs_params
+from .data import build_loaders
+from .distributed import DistContext
+from .errors import UserError
+from .experiment import open_experiment, read_run_info, timestamp, write_run_info
+from .masks import mask_from_record
+from .pruned_resnet import build_pruned_resnet
+from .registry import DEFAULT_REGISTRY, resolve
+from .training import evaluate_only, fit, place_model, seed_everything, start_run
+
+log = logging.getLogger("gsparsity")
+
+
+def load_small_model(path: Path, scope: str, num_classes: int) -> tuple[nn.Module, dict]:
+    """The compressed model saved by a search, and the mask record travelling with it."""
+    saved = load_checkpoint(path)
+    if saved.get("scope") != scope:
+        raise UserError(f"{path} was compressed with scope {saved.get('scope')!r}; "
+                        f"retrain it with main_reduce_retrain_{saved.get('scope')}.py")
+    if saved.get("num_classes") != num_classes:
+        raise UserError(f"{path} classifies {saved.get('num_classes')} classes but the data has "
+                        f"{num_classes}")
+    mask = mask_from_record(saved["mask"], arch=saved["arch"], scope=scope)
+    model = build_pruned_resnet(saved["arch"], mask, scope, num_classes)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"{path}: weights do not fit the model built from its mask "
+                        f"({str(error).splitlines()[0]})") from None
+    return model, saved["mask"]
+
+
+def small_model_path(args: argparse.Namespace, scope: str) -> Path:
+    registry = Path(args.registry) if args.registry else DEFAULT_REGISTRY
+    entry = resolve(args.baseline_model, registry)
+    if entry.scope != scope:
+        raise UserError(f"--baseline_model {args.baseline_model} was searched with scope "
+                        f"{entry.scope}; use main_reduce_retrain_{entry.scope}.py")
+    return entry.small_model
+
+
+def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
+    if args.seed is not None:
+        seed_everything(args.seed)
+    # Resolve before making a folder, so a wrong name leaves nothing behind.
+    source = (Path(read_run_info(args.resume)["small_model"]) if args.resume
+              else small_model_path(args, scope))
+    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}")
+    loaders = build_loaders(args, ctx)
+    model, mask_record = load_small_model(source, scope, loaders.num_classes)
+    args.arch = mask_record["arch"]
+    model = place_model(model, args, ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    run = start_run(args, ctx, folder, model, optimizer, loaders,
+                    extra_checkpoint={"mask": mask_record, "scope": scope,
+                                      "num_classes": loaders.num_classes})
+    macs, params = count_macs_params(model, 224)
+    log.info(f"compressed {args.arch} ({scope}) from {source}: {format_macs_params(macs, params)} at 224x224")
+    if args.evaluate or not args.resume:  # what compression cost, before any retraining
+        evaluate_only(run, "inherited weights, before retraining")
+    if args.evaluate:
+        return
+    if ctx.is_main and not args.resume:
+        write_run_info(folder, args, f"main_reduce_retrain_{scope}.py",
+                       {"scope": scope, "small_model": str(source.resolve()), "macs": macs, "params": params})
+        run.scalars.add("complexity/gmacs", macs / 1e9, 0)
+        run.scalars.add("complexity/mparams", params / 1e6, 0)
+    fit(run)
+    log.info(f"retraining done: best top1 {run.best_acc1:.3f}; checkpoints in {folder}")

@@ -1,0 +1,147 @@
+"""The search: train from a pretrained model with ProxSGD, so that whole filters become
+zero, and after every epoch compress the model to the filters that survive.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from proxsgd import ProxSGD, group_model_parameters
+
+from .checkpoint import atomic_save
+from .complexity import count_macs_params, format_macs_params
+from .data import build_loaders
+from .distributed import DistContext, all_reduce_sum
+from .errors import UserError
+from .experiment import open_experiment, timestamp, write_run_info
+from .masks import compress_model, compute_mask, mask_to_record, save_mask
+from .models import build_model, load_pretrained
+from .registry import DEFAULT_REGISTRY, register_experiment
+from .sparsity import sparsity_report
+from .training import Run, evaluate_only, fit, place_model, seed_everything, start_run
+
+log = logging.getLogger("gsparsity")
+CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
+
+
+def experiment_name(args: argparse.Namespace, scope: str) -> str:
+    return (f"{scope}_lr_{args.lr}_momentum_{args.momentum}_wd_{args.weight_decay}"
+            f"_normalization_{args.normalization}_pretrained_{args.pretrained is not None}_{timestamp()}")
+
+
+def small_model_file(scope: str, threshold: float) -> str:
+    return f"small_model_{scope}_{threshold:g}.pth.tar"
+
+
+def mask_file(scope: str, threshold: float) -> str:
+    return f"mask_{scope}_{threshold:g}.json"
+
+
+def check_ranks_agree(mask: dict[str, torch.Tensor], ctx: DistContext) -> None:
+    """Every process must derive the same mask (their weights are identical under DDP)."""
+    if not ctx.distributed:
+        return
+    kept = torch.cat([row.to(ctx.device, torch.float64) for row in mask.values()])
+    total = all_reduce_sum(kept.clone())
+    if not torch.equal(total, kept * ctx.world_size):
+        raise UserError("processes disagree on which filters are zero: their weights diverged")
+    log.info(f"mask agreed by all {ctx.world_size} processes")
+
+
+def sample_batch(dataset, device: torch.device) -> torch.Tensor:
+    count = min(CHECK_IMAGES, len(dataset))
+    return torch.stack([dataset[index][0] for index in range(count)]).to(device)
+
+
+class EpochEnd:
+    """After each epoch: mask, sparsity log, compressed model, its MACs, files."""
+
+    def __init__(self, run: Run, scope: str, full_macs: int, full_params: int) -> None:
+        self.run, self.scope = run, scope
+        self.full_macs, self.full_params = full_macs, full_params
+        self.check_batch = sample_batch(run.loaders.val.dataset, run.ctx.device) if run.ctx.is_main else None
+
+    def __call__(self, epoch: int, val) -> None:
+        run, args = self.run, self.run.args
+        mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope)
+        check_ranks_agree(mask, run.ctx)
+        if not run.ctx.is_main:
+            return
+        report = sparsity_report(run.plain_model, mask, self.scope)
+        log.info(f"epoch {epoch} sparsity (threshold {args.pruning_threshold:g}):")
+        for line in report.lines():
+            log.info(line)
+        run.scalars.add("sparsity/zero_filter_share", report.zero_share, epoch)
+        run.scalars.add("sparsity/zero_parameter_share", report.zero_parameter_share, epoch)
+        run.scalars.add_group("sparsity/zero_filter_share_per_stage",
+                              {stage: report.zero_filters[stage] / report.total_filters[stage]
+                               for stage in report.total_filters}, epoch)
+        run.scalars.add_group("kept_channels_per_stage",
+                              {stage: report.total_filters[stage] - report.zero_filters[stage]
+                               for stage in report.total_filters}, epoch)
+        small = compress_model(run.plain_model, mask, self.scope, arch=args.arch,
+                               check_input=self.check_batch)
+        macs, params = count_macs_params(small, 224)
+        log.info(f"epoch {epoch} compressed model: {format_macs_params(macs, params)} at 224x224 "
+                 f"({100 * macs / self.full_macs:.1f}% of the MACs, {100 * params / self.full_params:.1f}% "
+                 f"of the parameters)")
+        run.scalars.add("complexity/compressed_gmacs", macs / 1e9, epoch)
+        run.scalars.add("complexity/compressed_mparams", params / 1e6, epoch)
+        threshold = args.pruning_threshold
+        save_mask(mask, run.folder / mask_file(self.scope, threshold), args.arch, self.scope, threshold)
+        atomic_save({
+            "epoch": epoch + 1,
+            "arch": args.arch,
+            "scope": self.scope,
+            "num_classes": run.loaders.num_classes,
+            "mask": mask_to_record(mask, args.arch, self.scope, threshold),
+            "state_dict": small.state_dict(),
+            "val_top1_full": val.top1,
+        }, run.folder / small_model_file(self.scope, threshold))
+
+
+def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
+    registry = Path(args.registry) if args.registry else DEFAULT_REGISTRY
+    if args.register:
+        register_experiment(args.register, folder, registry)
+        log.info(f"registered {folder} as {args.register!r} in {registry}")
+        name = args.register
+    else:
+        name = "NAME"
+        log.info("to register the compressed model:\n  "
+                 f"{sys.executable} -m gsparsity.registry {name} {shlex.quote(str(folder))}")
+    registry_flag = f" --registry {shlex.quote(str(registry))}" if args.registry else ""
+    log.info("to retrain it:\n  "
+             f"{sys.executable} main_reduce_retrain_{scope}.py --baseline_model={name}{registry_flag}")
+
+
+def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
+    if args.seed is not None:
+        seed_everything(args.seed)
+    folder = open_experiment(args, ctx, experiment_name(args, scope))
+    loaders = build_loaders(args, ctx)
+    model = build_model(args.arch, loaders.num_classes)
+    if args.pretrained and not args.resume:
+        load_pretrained(model, args.pretrained, args.arch)
+    model = place_model(model, args, ctx)
+    groups = group_model_parameters(model, args.weight_decay, scope=scope,
+                                    layer_adaptive=args.layer_adaptive, group=args.group)
+    optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
+                        normalization=args.normalization)
+    run = start_run(args, ctx, folder, model, optimizer, loaders)
+    if args.evaluate:
+        evaluate_only(run)
+        return
+    if ctx.is_main and not args.resume:
+        write_run_info(folder, args, f"main_search_{scope}.py", {"scope": scope})
+    full_macs, full_params = count_macs_params(model, 224)
+    log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
+             f"mu {args.weight_decay}, full model {format_macs_params(full_macs, full_params)}")
+    fit(run, EpochEnd(run, scope, full_macs, full_params))
+    if ctx.is_main:
+        finish(args, folder, scope)

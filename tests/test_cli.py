@@ -1,0 +1,104 @@
+"""Bad input: one clear line on stderr, exit status 2, no traceback, nothing overwritten."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+import main_original
+import main_reduce_retrain_conv12
+import main_search_conv12
+from gsparsity import search as search_module
+from gsparsity.launch import main
+from scripts import TINY
+
+SEARCH = ("search", main_search_conv12.workflow)
+RETRAIN = ("retrain", main_reduce_retrain_conv12.workflow)
+ORIGINAL = ("original", main_original.original)
+
+
+def fails_with(capsys, script, argv, message):
+    """Run a script in-process; it must exit 2 with ``message`` on a single stderr line."""
+    kind, workflow = script
+    with pytest.raises(SystemExit) as exit_info:
+        main(kind, workflow, argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert "Traceback" not in error and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--weight_decay", "-0.05"], "--weight_decay must be >= 0"),
+    (["--pruning_threshold", "0"], "--pruning_threshold must be > 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["-b", "0"], "--batch-size must be > 0"),
+    (["--register", "not a name"], "use a Python identifier"),
+    (["--register", "class"], "not a Python keyword"),
+])
+def test_search_refuses_nonsense_numbers(capsys, tmp_path, flags, message):
+    fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path), *flags], message)
+    assert not any(tmp_path.iterdir())  # refused before making a folder
+
+
+def test_data_folder_that_does_not_exist(capsys, tmp_path):
+    fails_with(capsys, ORIGINAL, ["--data", str(tmp_path / "imagenet"), "--evaluate"], "no such folder")
+
+
+def test_data_folder_without_train(capsys, tmp_path):
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    fails_with(capsys, ORIGINAL, ["--data", str(tmp_path), "--evaluate"], "no 'train' folder")
+
+
+def test_no_data_at_all(capsys):
+    fails_with(capsys, ORIGINAL, ["--evaluate"], "--data DIR")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_asked_for_without_a_gpu(capsys):
+    fails_with(capsys, ORIGINAL, [*TINY, "--evaluate", "--device", "cuda"], "no CUDA GPU")
+
+
+def test_pretrained_file_missing(capsys, tmp_path):
+    fails_with(capsys, ORIGINAL, [*TINY, "--evaluate", "--pretrained", str(tmp_path / "w.pth")],
+               "no such file")
+
+
+def test_pretrained_weights_of_another_architecture(capsys, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    fails_with(capsys, ORIGINAL, [*TINY, "--evaluate", "--pretrained", str(path)],
+               "not a state_dict of resnet50")
+
+
+def test_resume_of_a_folder_that_does_not_exist(capsys, tmp_path):
+    fails_with(capsys, SEARCH, ["--resume", str(tmp_path / "gone")], "no such experiment folder")
+
+
+def test_resume_of_a_folder_without_run_info(capsys, tmp_path):
+    fails_with(capsys, SEARCH, ["--resume", str(tmp_path)], "no run_info.json")
+
+
+def test_resume_refuses_to_change_the_recipe(capsys, tmp_path):
+    (tmp_path / "run_info.json").write_text(json.dumps({"args": {"lr": 0.001}}))
+    fails_with(capsys, SEARCH, ["--resume", str(tmp_path), "--lr", "0.1"], "cannot change: --lr")
+
+
+def test_unknown_baseline_model_lists_the_known_names(capsys, registry):
+    fails_with(capsys, RETRAIN, [*TINY, "--baseline_model", "nope", "--registry", str(registry)], "nope")
+
+
+def test_retrain_needs_a_baseline_model(capsys):
+    fails_with(capsys, RETRAIN, TINY, "--baseline_model NAME")
+
+
+def test_an_existing_experiment_folder_is_never_overwritten(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "timestamp", lambda: "20260101-000000")
+    existing = tmp_path / "conv12_lr_0.001_momentum_0.9_wd_0.05_normalization_div_pretrained_False_20260101-000000"
+    existing.mkdir()
+    (existing / "_log.txt").write_text("a previous run\n")
+    fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path)], "already exists")
+    assert (existing / "_log.txt").read_text() == "a previous run\n"
+    assert [path.name for path in existing.iterdir()] == ["_log.txt"]

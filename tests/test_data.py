@@ -1,0 +1,86 @@
+"""Data: the demo digits as an ImageFolder, ImageNet-folder checks, sharding, seeded epochs."""
+import argparse
+
+import pytest
+import torch
+
+from gsparsity import demo_data
+from gsparsity.data import ShardSampler, build_loaders, check_image_folder, start_epoch
+from gsparsity.distributed import DistContext
+from gsparsity.errors import UserError
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def loader_args(**overrides):
+    values = dict(dummy=False, data="demo", image_size=16, subset=None, batch_size=32, seed=3, workers=0)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_demo_digits_become_an_image_folder_with_ten_classes_and_a_fifth_held_out():
+    loaders = build_loaders(loader_args(), CPU)
+    assert loaders.num_classes == 10
+    assert len(loaders.val.dataset) == 360  # indices 0, 5, 10, ... of the 1,797 digits
+    assert len(loaders.train.dataset) == 1797 - 360
+    root = demo_data.demo_root()
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    images, labels = next(iter(loaders.val))
+    assert images.shape == (32, 3, 16, 16)
+
+
+def test_demo_folder_is_written_once_and_reused(monkeypatch):
+    root = demo_data.demo_root()
+    monkeypatch.setattr(demo_data, "write_digits", lambda root: pytest.fail("rewrote the demo folder"))
+    assert demo_data.demo_root() == root
+
+
+def test_subset_keeps_every_class():
+    loaders = build_loaders(loader_args(subset=50), CPU)
+    labels = torch.cat([target for _, target in loaders.train])
+    assert len(labels) == 50 and set(labels.tolist()) == set(range(10))
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        check_image_folder(tmp_path / "nowhere")
+
+
+def test_data_folder_without_val_is_a_clear_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.png").write_bytes(b"")
+    with pytest.raises(UserError, match="no 'val' folder"):
+        check_image_folder(tmp_path)
+
+
+def test_empty_class_folder_is_a_clear_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.png").write_bytes(b"")
+    (tmp_path / "val" / "dog").mkdir()
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(UserError, match="dog is empty"):
+        check_image_folder(tmp_path)
+
+
+def test_batch_smaller_than_process_count_is_refused():
+    two_processes = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match="smaller than the number of processes"):
+        build_loaders(loader_args(batch_size=1), two_processes)
+
+
+def test_validation_shards_cover_every_image_exactly_once():
+    shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_the_loader_shuffles_each_epoch_the_same_way_whatever_came_before():
+    loader = build_loaders(loader_args(subset=64, batch_size=16), CPU).train
+    start_epoch(loader, 2, seed=3)
+    first = [labels.clone() for _, labels in loader]
+    start_epoch(loader, 0, seed=3)
+    other = [labels.clone() for _, labels in loader]
+    start_epoch(loader, 2, seed=3)
+    second = [labels for _, labels in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

@@ -1,0 +1,29 @@
+"""Two CPU processes (torchrun, gloo) run the same search as one process would."""
+import re
+
+from scripts import TINY, only_folder, run_script
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_two_process_search_writes_what_one_process_writes_and_ranks_agree(baseline, tmp_path):
+    flags = [*TINY, "--pretrained", str(baseline), "--weight_decay", "2"]
+    single = run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "one"))
+    double = run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "two"),
+                        launcher=TORCHRUN, OMP_NUM_THREADS="1")
+    one = only_folder(tmp_path / "one", "conv12_*")
+    two = only_folder(tmp_path / "two", "conv12_*")
+    kinds = lambda folder: sorted(re.sub(r"events\.out\.tfevents.*", "events", p.name) for p in folder.iterdir())
+    assert kinds(one) == kinds(two)
+    log = (two / "_log.txt").read_text()
+    assert "mask agreed by all 2 processes" in log
+    assert "on 2 process(es)" in log and "on 1 process(es)" in (one / "_log.txt").read_text()
+    assert "Traceback" not in double.stderr
+
+
+def test_two_processes_report_the_same_validation_top1_as_one(baseline):
+    flags = [*TINY, "--pretrained", str(baseline), "--evaluate"]
+    top1 = lambda output: re.search(r"validation: top1 (\S+) top5 (\S+)", output).groups()
+    single = run_script("main_original.py", *flags)
+    double = run_script("main_original.py", *flags, launcher=TORCHRUN, OMP_NUM_THREADS="1")
+    assert top1(single.stdout) == top1(double.stdout)

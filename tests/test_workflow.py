@@ -1,0 +1,63 @@
+"""End to end: baseline -> search -> register -> retrain -> evaluate, on the demo digits at
+tiny sizes, through the real command-line scripts."""
+import json
+
+import pytest
+import torch
+from scripts import TINY, only_folder, run_script
+
+from gsparsity.checkpoint import load_checkpoint
+from gsparsity.registry import read_registry
+
+@pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
+    search = run_script(f"main_search_{scope}.py", *TINY, "--pretrained", str(baseline),
+                        "--weight_decay", "2", "--path_to_save", str(tmp_path),
+                        "--register", f"tiny_{scope}", "--registry", str(registry))
+    folder = only_folder(tmp_path, f"{scope}_lr_0.001_momentum_0.9_wd_2.0_normalization_div_pretrained_True_*")
+    names = {path.name for path in folder.iterdir()}
+    assert {"run_info.json", "_log.txt", "checkpoint.pth.tar", "model_best.pth.tar",
+            f"mask_{scope}_1e-06.json", f"small_model_{scope}_1e-06.pth.tar"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names)
+    assert json.loads((folder / "run_info.json").read_text())["args"]["weight_decay"] == 2.0
+    log = (folder / "_log.txt").read_text()
+    assert "zero filters" in log and "GMac" in log
+    assert f"main_reduce_retrain_{scope}.py --baseline_model=tiny_{scope}" in search.stdout
+    assert read_registry(registry)[f"tiny_{scope}"]["scope"] == scope
+
+    retrain = run_script(f"main_reduce_retrain_{scope}.py", *TINY, "--lr", "0.01",
+                         "--baseline_model", f"tiny_{scope}", "--registry", str(registry),
+                         "--path_to_save", str(tmp_path))
+    assert "inherited weights, before retraining: top1" in retrain.stdout
+    retrained = only_folder(tmp_path, f"retrain_resnet50_tiny_{scope}_*")
+    saved = load_checkpoint(retrained / "checkpoint.pth.tar")
+    assert saved["scope"] == scope and saved["epoch"] == 1
+    small = load_checkpoint(folder / f"small_model_{scope}_1e-06.pth.tar")
+    assert saved["state_dict"].keys() == small["state_dict"].keys()
+
+
+def test_original_evaluates_pretrained_weights_and_reports_complexity(baseline):
+    result = run_script("main_original.py", *TINY, "--pretrained", str(baseline), "--evaluate")
+    assert "validation: top1" in result.stdout
+    assert "4.09 GMac" in result.stdout and "23.53 M params" in result.stdout  # 10-class fc
+
+
+def test_pretrained_without_cached_weights_stops_at_once_naming_the_file(tmp_path):
+    result = run_script("main_search_conv12.py", *TINY, "--pretrained", "--path_to_save", str(tmp_path),
+                        expect=2, TORCH_HOME=str(tmp_path / "torch"))
+    assert "resnet50-0676ba61.pth" in result.stderr and "--pretrained=PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resumed_seeded_search_ends_with_the_same_weights(baseline, tmp_path):
+    flags = [*TINY, "--pretrained", str(baseline), "--weight_decay", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_script("main_search_conv12.py", *flags, "--epochs", "2", "--path_to_save", str(straight))
+    run_script("main_search_conv12.py", *flags, "--epochs", "1", "--path_to_save", str(stopped))
+    resumed = only_folder(stopped, "conv12_*")
+    run_script("main_search_conv12.py", "--resume", str(resumed), "--epochs", "2")
+    expected = load_checkpoint(only_folder(straight, "conv12_*") / "checkpoint.pth.tar")
+    actual = load_checkpoint(resumed / "checkpoint.pth.tar")
+    assert actual["epoch"] == expected["epoch"] == 2
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][key], value), key
