@@ -86,7 +86,7 @@ def images(size: int = 64) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ARCHS)  # every torchvision ResNet: BasicBlock and Bottleneck, wide ones too
 def test_compressed_model_matches_the_full_model_when_pruned_channels_are_zero(arch, scope):
     full = full_model(arch)
     mask = random_mask(full, scope)
