@@ -57,10 +57,10 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     # Resolve before making a folder, so a wrong name leaves nothing behind.
     source = (Path(read_run_info(args.resume)["small_model"]) if args.resume
               else small_model_path(args, scope))
-    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}")
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
-    args.arch = mask_record["arch"]
+    args.arch = mask_record["arch"]  # the searched model's, whatever -a says
+    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}")
     model = place_model(model, args, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

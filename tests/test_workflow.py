@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torchvision
 from scripts import TINY, only_folder, run_script
 
 from gsparsity.checkpoint import load_checkpoint
@@ -61,3 +62,23 @@ def test_resumed_seeded_search_ends_with_the_same_weights(baseline, tmp_path):
     assert actual["epoch"] == expected["epoch"] == 2
     for key, value in expected["state_dict"].items():
         assert torch.equal(actual["state_dict"][key], value), key
+
+
+def test_search_and_retrain_work_for_another_resnet(registry, tmp_path):
+    run_script("main_search_all_conv.py", *TINY, "-a", "resnet18", "--weight_decay", "2",
+               "--path_to_save", str(tmp_path), "--register", "tiny_resnet18", "--registry", str(registry))
+    folder = only_folder(tmp_path, "all_conv_*")
+    small = load_checkpoint(folder / "small_model_all_conv_1e-06.pth.tar")
+    assert small["arch"] == "resnet18" and "layer4.1.conv2.weight" in small["state_dict"]
+    retrain = run_script("main_reduce_retrain_all_conv.py", *TINY, "--baseline_model", "tiny_resnet18",
+                         "--registry", str(registry), "--path_to_save", str(tmp_path))
+    assert "compressed resnet18 (all_conv)" in retrain.stdout
+
+
+def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cache(tmp_path):
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), cache / "resnet50-0676ba61.pth")
+    result = run_script("main_original.py", *TINY, "--pretrained", "--evaluate", TORCH_HOME=str(tmp_path / "torch"))
+    assert f"loaded pretrained weights from {cache / 'resnet50-0676ba61.pth'}" in result.stdout
+    assert "its classifier has 1000 classes, the data 10; the classifier starts fresh" in result.stdout
