@@ -1,0 +1,114 @@
+"""Time one optimizer step of ProxSGD against Adam and SGD on a torchvision ResNet-50.
+
+Every parameter gets a random gradient once; then the three optimizers' ``.step()``
+calls are timed interleaved (ProxSGD, Adam, SGD, ProxSGD, ...) so that drifts in
+machine load hit all of them alike, and the median of the repeats is reported.
+
+    python bench/optimizer_step.py --device cpu --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torchvision.models import resnet50
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    return args
+
+
+def model_with_random_grads(device: torch.device) -> torch.nn.Module:
+    model = resnet50(weights=None).to(device)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    return model
+
+
+def build_optimizers(device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """Each optimizer on its own model copy, so that one's updates never feed another."""
+    proxsgd_model = model_with_random_grads(device)
+    return {
+        "ProxSGD": ProxSGD(
+            group_model_parameters(proxsgd_model, mu=0.05, scope="conv12"),
+            lr=0.01,
+            adaptive_lr=True,
+            normalization="div",
+        ),
+        "Adam": torch.optim.Adam(model_with_random_grads(device).parameters(), lr=1e-3, foreach=True),
+        "SGD": torch.optim.SGD(
+            model_with_random_grads(device).parameters(), lr=0.01, momentum=0.9, foreach=True
+        ),
+    }
+
+
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds taken by one call, the device's queue drained on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def median_step_ms(optimizers: dict[str, torch.optim.Optimizer], repeats: int, warmup: int,
+                   device: torch.device) -> dict[str, float]:
+    for _ in range(warmup):
+        for optimizer in optimizers.values():
+            timed(optimizer.step, device)
+    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, optimizer in optimizers.items():
+            samples[name].append(timed(optimizer.step, device))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def report(medians: dict[str, float], args: argparse.Namespace) -> str:
+    lines = [
+        "command: " + " ".join([Path(sys.executable).name] + sys.argv),
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"repeats {args.repeats}, warmup {args.warmup}",
+        f"{'optimizer':<10} {'median ms/step':>15}",
+    ]
+    lines += [f"{name:<10} {ms:>15.2f}" for name, ms in medians.items()]
+    lines.append(f"ProxSGD/Adam {medians['ProxSGD'] / medians['Adam']:.2f}")
+    lines.append(f"ProxSGD/SGD  {medians['ProxSGD'] / medians['SGD']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    optimizers = build_optimizers(device)
+    print(report(median_step_ms(optimizers, args.repeats, args.warmup, device), args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

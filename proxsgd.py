@@ -1,0 +1,333 @@
+"""ProxSGD with a group-lasso proximal step, and the ResNet parameter groups it needs.
+
+ProxSGD (Yang et al., ICLR 2020) takes a momentum step on the loss, then applies the
+proximal operator of the regularizer. Here the regularizer is group lasso over conv
+filters, so its proximal operator shrinks every filter towards zero as a whole, and
+returns it as exactly zero once its norm falls under the threshold: pruning happens
+during training, filter by filter. The parameter then moves a fraction ``lr`` of the
+way to that point: with ``lr=1`` a filter whose prox is zero is exactly zero at once;
+with ``lr < 1`` it decays by a factor (1 - lr) at every step its prox stays zero.
+
+A param group with ``weight_decay=mu`` (a float) is ONE prunable group: its params share
+their first dimension F and "filter f" is slice f of every one of them (for instance
+``[conv.weight, bn.weight, bn.bias]``). A group with ``weight_decay=None`` is not
+prunable and gets the plain (adaptive) momentum step.
+
+For each parameter x with gradient g, at step t (counted from 1):
+
+    v <- (1 - momentum) * v + momentum * g            # momentum weighs the NEW gradient
+    r <- beta * r + (1 - beta) * g**2                  # only with adaptive_lr
+    tau_f = mean_f sqrt(r / (1 - beta**t)) + delta     # tau = 1 without adaptive_lr
+
+    not prunable:  x <- x - lr * v / tau
+    prunable:      x~ = x - v / tau
+                   mu_f = mu / tau_f  (* sqrt(s) for "mul", / sqrt(s) for "div")
+                   x_prox_f = max(0, 1 - mu_f / ||x~_f||) * x~_f
+                   x <- x + lr * (x_prox - x)
+
+where s is the number of elements of one filter (summed over the group's params).
+
+The step never synchronises with the device: no ``.item()``, no Python branching on
+tensor values. The moment updates run as multi-tensor ``torch._foreach_*`` ops over all
+parameters; everything per filter is a vectorised op on an (F,) vector. Full-size
+temporaries (sqrt(r), x~) go to one reused scratch buffer rather than fresh memory.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from gsparsity.structure import check_scope, prunable_convs, unwrap
+
+NORMALIZATIONS = (None, "none", "mul", "div")
+GROUPINGS = ("filter", "channel")
+NOT_PRUNABLE = "not_prunable"
+# Layer-adaptive regularization: the middle stages get twice the gain (GSparsity paper).
+STAGE_GAIN = {"layer2": 2.0, "layer3": 2.0}
+
+
+class ProxSGD(torch.optim.Optimizer):
+    """ProxSGD whose proximal step prunes whole filters of each prunable param group.
+
+    Every param group carries ``weight_decay``: the group-lasso gain mu of a prunable
+    group, or ``None`` for parameters that are not prunable (the default). The other
+    hyper-parameters may also be set per group, as with any torch optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        delta: float = 1e-8,
+        beta: float = 0.999,
+        adaptive_lr: bool = False,
+        normalization: str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            delta=delta,
+            beta=beta,
+            adaptive_lr=adaptive_lr,
+            normalization=normalization,
+            weight_decay=None,
+        )
+        _check_hyper_parameters(defaults)
+        super().__init__(params, defaults)
+        # Reused temporaries, one per (device, dtype); not state: nothing to save.
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, refusing hyper-parameters or prunable params that make no sense."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyper_parameters(self.param_groups[-1])
+            _check_prunable_params(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One ProxSGD step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active_groups = [self._active_params(group) for group in self.param_groups]
+        self._update_moments(active_groups)
+        for group, (params, _) in zip(self.param_groups, active_groups):
+            if not params:
+                continue
+            if group["weight_decay"] is None:
+                self._momentum_step(group, params)
+            else:
+                self._prox_step(group, params)
+        return loss
+
+    def _active_params(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's params that have a gradient, and those gradients; counts their step."""
+        params, grads = [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("ProxSGD does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                state["step"] = 0  # a plain int: the state_dict stays weights_only-loadable
+                state["velocity"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group["adaptive_lr"] and "second_moment" not in state:
+                state["second_moment"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(param)
+            grads.append(param.grad)
+        return params, grads
+
+    def _scratch_like(self, tensor: Tensor) -> Tensor:
+        """A reused contiguous buffer shaped like ``tensor``, its content undefined.
+
+        Large temporaries allocated afresh every step cost more than the arithmetic
+        on them (page faults on CPU), so the step writes them here instead.
+        """
+        key = (tensor.device, tensor.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < tensor.numel():
+            buffer = torch.empty(tensor.numel(), device=tensor.device, dtype=tensor.dtype)
+            self._scratch[key] = buffer
+        return buffer[: tensor.numel()].view(tensor.shape)
+
+    def _update_moments(self, active_groups: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """v and r of every active parameter, as few multi-tensor ops as possible."""
+        # foreach ops take one scalar per call and want one device/dtype per list.
+        buckets: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = defaultdict(
+            lambda: ([], [], [])
+        )
+        for group, (params, grads) in zip(self.param_groups, active_groups):
+            for param, grad in zip(params, grads):
+                key = (param.device, param.dtype, group["momentum"], group["beta"], group["adaptive_lr"])
+                bucket_grads, velocities, second_moments = buckets[key]
+                state = self.state[param]
+                bucket_grads.append(grad)
+                velocities.append(state["velocity"])
+                if group["adaptive_lr"]:
+                    second_moments.append(state["second_moment"])
+        for (_device, _dtype, momentum, beta, adaptive_lr), bucket in buckets.items():
+            bucket_grads, velocities, second_moments = bucket
+            torch._foreach_lerp_(velocities, bucket_grads, momentum)
+            if adaptive_lr:
+                torch._foreach_mul_(second_moments, beta)
+                torch._foreach_addcmul_(second_moments, bucket_grads, bucket_grads, value=1.0 - beta)
+
+    def _filter_tau(self, group: dict[str, Any], params: list[Tensor]) -> Tensor | None:
+        """tau_f of the filters shared by ``params``, shape (F,); None means tau = 1."""
+        if not group["adaptive_lr"]:
+            return None
+        filter_size = _filter_size(params)
+        root_mean = None
+        for param in params:
+            state = self.state[param]
+            root = torch.sqrt(state["second_moment"], out=self._scratch_like(param))
+            # Bias correction goes on the (F,) sums, not on the whole r tensor.
+            scale = _bias_correction(group["beta"], state["step"]) / filter_size
+            row_mean = _rows(root).sum(dim=1).mul_(scale)
+            root_mean = row_mean if root_mean is None else root_mean.add_(row_mean)
+        return root_mean.add_(group["delta"])
+
+    def _momentum_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """x <- x - lr * v / tau for every param on its own (not prunable)."""
+        lr = group["lr"]
+        velocities = [self.state[param]["velocity"] for param in params]
+        if not group["adaptive_lr"]:
+            torch._foreach_add_(params, velocities, alpha=-lr)
+            return
+        # Scalars and vectors (BN, biases: most of a ResNet's tensors) have one element
+        # per filter, so tau is elementwise there and multi-tensor ops can do them all.
+        elementwise = [param for param in params if param.dim() <= 1]
+        if elementwise:
+            self._elementwise_adaptive_step(group, elementwise)
+        for param, velocity in zip(params, velocities):
+            if param.dim() > 1:
+                tau = self._filter_tau(group, [param])
+                param.addcdiv_(velocity, _as_column(tau, param), value=-lr)
+
+    def _elementwise_adaptive_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """x <- x - lr * v / tau with tau = sqrt(r / (1 - beta**t)) + delta, element by element."""
+        states = [self.state[param] for param in params]
+        taus = torch._foreach_sqrt([state["second_moment"] for state in states])
+        torch._foreach_mul_(taus, [_bias_correction(group["beta"], state["step"]) for state in states])
+        torch._foreach_add_(taus, group["delta"])
+        torch._foreach_addcdiv_(params, [state["velocity"] for state in states], taus, value=-group["lr"])
+
+    def _trial_norm(self, params: list[Tensor], velocities: list[Tensor], tau: Tensor | None) -> Tensor:
+        """||x~_f|| with x~ = x - v / tau, over the whole filter f of a group, shape (F,)."""
+        row_norms = []  # each param's part of the filters
+        for param, velocity in zip(params, velocities):
+            trial = self._scratch_like(param)  # x~, kept only long enough for its norm
+            if tau is None:
+                torch.sub(param, velocity, out=trial)
+            else:
+                torch.addcdiv(param, velocity, _as_column(tau, param), value=-1, out=trial)
+            row_norms.append(torch.linalg.vector_norm(_rows(trial), dim=1))
+        if len(row_norms) == 1:
+            return row_norms[0]
+        return torch.linalg.vector_norm(torch.stack(row_norms), dim=0)
+
+    def _prox_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Momentum step then group-lasso proximal step on the filters of one prunable group."""
+        lr = group["lr"]
+        velocities = [self.state[param]["velocity"] for param in params]
+        tau = self._filter_tau(group, params)
+        trial_norm = self._trial_norm(params, velocities, tau)
+        # mu_f / ||x~_f|| = mu * factor / (tau_f * ||x~_f||)
+        divisor = trial_norm if tau is None else trial_norm.mul_(tau)
+        # An all-zero filter and mu = 0 would give 0 / 0 = NaN: keep the divisor positive.
+        divisor.clamp_min_(torch.finfo(divisor.dtype).tiny)
+        factor = _normalization_factor(group["normalization"], _filter_size(params))
+        # shrink = max(0, 1 - mu_f / ||x~_f||)
+        shrink = divisor.reciprocal_().mul_(-group["weight_decay"] * factor).add_(1.0).clamp_min_(0.0)
+        # x + lr * (shrink * (x - v / tau) - x) == keep * x - push * v: no need to keep x~.
+        keep = shrink * lr + (1.0 - lr)
+        push = shrink * lr if tau is None else shrink * lr / tau
+        for param, velocity in zip(params, velocities):
+            param.mul_(_as_column(keep, param)).addcmul_(velocity, _as_column(push, param), value=-1)
+
+
+def group_model_parameters(
+    model: nn.Module,
+    mu: float,
+    scope: str = "conv12",
+    layer_adaptive: bool = True,
+    group: str = "filter",
+) -> list[dict[str, Any]]:
+    """ProxSGD param groups: one prunable group per prunable conv, then everything else.
+
+    ``group="filter"`` regularizes the conv weight alone (the paper's choice);
+    ``"channel"`` adds the conv's BatchNorm weight and bias, so that a channel
+    whose filter is zero outputs exactly zero. With ``layer_adaptive`` the convs of stages layer2 and
+    layer3 get ``2 * mu``. ``model`` may be wrapped in DistributedDataParallel.
+    """
+    check_scope(scope)
+    if group not in GROUPINGS:
+        raise ValueError(f"group must be one of {', '.join(GROUPINGS)}, got {group!r}")
+    if not (isinstance(mu, numbers.Real) and mu >= 0):
+        raise ValueError(f"mu must be a number >= 0, got {mu!r}")
+    param_groups = []
+    grouped_ids: set[int] = set()
+    for prunable in prunable_convs(unwrap(model), scope):
+        params = [prunable.conv.weight]
+        if group == "channel":
+            bn_params = (prunable.bn.weight, prunable.bn.bias)  # None when the BN is not affine
+            params += [bn_param for bn_param in bn_params if bn_param is not None]
+        gain = STAGE_GAIN.get(prunable.stage, 1.0) if layer_adaptive else 1.0
+        param_groups.append({"params": params, "weight_decay": mu * gain, "name": prunable.name})
+        grouped_ids.update(id(param) for param in params)
+    # The wrapper shares its parameters with the plain model: the same objects either way.
+    rest = [param for param in model.parameters() if id(param) not in grouped_ids]
+    param_groups.append({"params": rest, "weight_decay": None, "name": NOT_PRUNABLE})
+    return param_groups
+
+
+def _check_hyper_parameters(group: dict[str, Any]) -> None:
+    """ValueError for any hyper-parameter of ``group`` outside its valid range."""
+    # "not (a < x)" rather than "x <= a" so that NaN is refused too.
+    if not group["lr"] > 0:
+        raise ValueError(f"lr must be > 0, got {group['lr']!r}")
+    if not 0 < group["momentum"] <= 1:
+        raise ValueError(f"momentum must be in (0, 1], got {group['momentum']!r}")
+    if not 0 <= group["beta"] < 1:
+        raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
+    if not group["delta"] >= 0:
+        raise ValueError(f"delta must be >= 0, got {group['delta']!r}")
+    if group["normalization"] not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {group['normalization']!r}")
+    mu = group["weight_decay"]
+    if mu is not None and not mu >= 0:
+        raise ValueError(f"weight_decay (mu) must be >= 0 or None, got {mu!r}")
+
+
+def _check_prunable_params(group: dict[str, Any]) -> None:
+    """ValueError unless the params of a prunable group share their first dimension."""
+    if group["weight_decay"] is None:
+        return
+    shapes = [tuple(param.shape) for param in group["params"]]
+    if any(len(shape) == 0 for shape in shapes) or len({shape[0] for shape in shapes}) > 1:
+        name = group.get("name", "a prunable group")
+        raise ValueError(f"params of {name} must share their first dimension (filters), got shapes {shapes}")
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """``tensor`` as (F, -1): one row per filter (a 0-dim tensor is one filter)."""
+    return tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+
+
+def _as_column(per_filter: Tensor, like: Tensor) -> Tensor:
+    """An (F,) vector shaped to broadcast over the filters of ``like``."""
+    if like.dim() == 0:
+        return per_filter.reshape(())
+    return per_filter.view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _filter_size(params: list[Tensor]) -> int:
+    """s: elements in one filter, summed over the params that share the filters."""
+    return sum(param.numel() // (param.shape[0] if param.dim() else 1) for param in params)
+
+
+def _bias_correction(beta: float, step: int) -> float:
+    """1 / sqrt(1 - beta**t): turns sqrt(r) into sqrt(r / (1 - beta**t))."""
+    return 1.0 / math.sqrt(1.0 - beta**step)
+
+
+def _normalization_factor(normalization: str | None, filter_size: int) -> float:
+    """How mu scales with the filter size s."""
+    if normalization == "mul":
+        return math.sqrt(filter_size)
+    if normalization == "div":
+        return 1.0 / math.sqrt(filter_size)
+    return 1.0
