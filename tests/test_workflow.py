@@ -1,6 +1,7 @@
 """End to end: baseline -> search -> register -> retrain -> evaluate, on the demo digits at
 tiny sizes, through the real command-line scripts."""
 import json
+import re
 
 import pytest
 import torch
@@ -12,17 +13,21 @@ from gsparsity.registry import read_registry
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
 def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
+    # lr 1 makes x = x_prox at once: every filter whose norm is under mu is zero after one step.
     search = run_script(f"main_search_{scope}.py", *TINY, "--pretrained", str(baseline),
-                        "--weight_decay", "2", "--path_to_save", str(tmp_path),
+                        "--lr", "1", "--no-adaptive_lr", "--normalization", "none", "--weight_decay", "2.5",
+                        "--path_to_save", str(tmp_path),
                         "--register", f"tiny_{scope}", "--registry", str(registry))
-    folder = only_folder(tmp_path, f"{scope}_lr_0.001_momentum_0.9_wd_2.0_normalization_div_pretrained_True_*")
+    folder = only_folder(tmp_path, f"{scope}_lr_1.0_momentum_0.9_wd_2.5_normalization_none_pretrained_True_*")
     names = {path.name for path in folder.iterdir()}
     assert {"run_info.json", "_log.txt", "checkpoint.pth.tar", "model_best.pth.tar",
             f"mask_{scope}_1e-06.json", f"small_model_{scope}_1e-06.pth.tar"} <= names
     assert any(name.startswith("events.out.tfevents") for name in names)
-    assert json.loads((folder / "run_info.json").read_text())["args"]["weight_decay"] == 2.0
+    assert json.loads((folder / "run_info.json").read_text())["args"]["weight_decay"] == 2.5
     log = (folder / "_log.txt").read_text()
-    assert "zero filters" in log and "GMac" in log
+    zero, total = map(int, re.search(r"all: (\d+)/(\d+) zero filters", log).groups())
+    assert 0 < zero < total
+    assert re.search(r"compressed model: .* GMac, .* M params at 224x224 \((\d+\.\d)% of the MACs", log)
     assert f"main_reduce_retrain_{scope}.py --baseline_model=tiny_{scope}" in search.stdout
     assert read_registry(registry)[f"tiny_{scope}"]["scope"] == scope
 
@@ -35,6 +40,8 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert saved["scope"] == scope and saved["epoch"] == 1
     small = load_checkpoint(folder / f"small_model_{scope}_1e-06.pth.tar")
     assert saved["state_dict"].keys() == small["state_dict"].keys()
+    full_parameters = sum(value.numel() for value in load_checkpoint(baseline)["state_dict"].values())
+    assert sum(value.numel() for value in small["state_dict"].values()) < full_parameters
 
 
 def test_original_evaluates_pretrained_weights_and_reports_complexity(baseline):
