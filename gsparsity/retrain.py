@@ -9,14 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
 from .distributed import DistContext
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, timestamp, write_run_info
-from .masks import mask_from_record
-from .pruned_resnet import build_pruned_resnet
+from .export import load_compressed_model
 from .registry import DEFAULT_REGISTRY, resolve
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
 
@@ -25,21 +23,13 @@ log = logging.getLogger("gsparsity")
 
 def load_small_model(path: Path, scope: str, num_classes: int) -> tuple[nn.Module, dict]:
     """The compressed model saved by a search, and the mask record travelling with it."""
-    saved = load_checkpoint(path)
-    if saved.get("scope") != scope:
-        raise UserError(f"{path} was compressed with scope {saved.get('scope')!r}; "
-                        f"retrain it with main_reduce_retrain_{saved.get('scope')}.py")
-    if saved.get("num_classes") != num_classes:
-        raise UserError(f"{path} classifies {saved.get('num_classes')} classes but the data has "
-                        f"{num_classes}")
-    mask = mask_from_record(saved["mask"], arch=saved["arch"], scope=scope)
-    model = build_pruned_resnet(saved["arch"], mask, scope, num_classes)
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit the model built from its mask "
-                        f"({str(error).splitlines()[0]})") from None
-    return model, saved["mask"]
+    model, info = load_compressed_model(path)
+    if info["scope"] != scope:
+        raise UserError(f"{path} was compressed with scope {info['scope']!r}; "
+                        f"retrain it with main_reduce_retrain_{info['scope']}.py")
+    if info["num_classes"] != num_classes:
+        raise UserError(f"{path} classifies {info['num_classes']} classes but the data has {num_classes}")
+    return model.train(), info["mask"]
 
 
 def small_model_path(args: argparse.Namespace, scope: str) -> Path:

@@ -30,3 +30,20 @@ def baseline(tmp_path_factory) -> Path:
     run_script("main_original.py", *TINY, "--lr", "0.05", "--path_to_save", str(save),
                GSPARSITY_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
     return only_folder(save, "original_resnet50_*") / "model_best.pth.tar"
+
+
+@pytest.fixture(scope="session")
+def search_and_retrain(tmp_path_factory, baseline) -> tuple[Path, Path]:
+    """(search folder, retrain folder): a 2-epoch conv12 search that prunes some filters
+    (lr 1 takes the full proximal step) and a 1-epoch retrain of its compressed model."""
+    from scripts import SEARCH_EPOCHS, TINY, only_folder, run_script
+
+    parent = tmp_path_factory.mktemp("search_and_retrain")
+    registry = parent / "list_of_models.py"
+    shutil.copy(REPO / "list_of_models.py", registry)
+    run_script("main_search_conv12.py", *TINY, "--epochs", str(SEARCH_EPOCHS), "--pretrained", str(baseline),
+               "--lr", "1", "--weight_decay", "3", "--path_to_save", str(parent),
+               "--register", "tiny", "--registry", str(registry))
+    run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "0.01", "--baseline_model", "tiny",
+               "--registry", str(registry), "--path_to_save", str(parent))
+    return only_folder(parent, "conv12_*"), only_folder(parent, "retrain_*")

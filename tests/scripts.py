@@ -8,6 +8,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Smallest settings that still exercise everything: the demo digits at 16x16, 32 images.
 TINY = ["--data", "demo", "--image-size", "16", "--subset", "32", "-b", "16", "-j", "0",
         "--epochs", "1", "-p", "1", "--seed", "0"]
+SEARCH_EPOCHS = 2  # of the search_and_retrain fixture in conftest.py
 
 
 def run_script(script: str, *flags: str, expect: int = 0, launcher: tuple[str, ...] = (),

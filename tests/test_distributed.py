@@ -8,7 +8,7 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 def test_two_process_search_writes_what_one_process_writes_and_ranks_agree(baseline, tmp_path):
     flags = [*TINY, "--pretrained", str(baseline), "--weight_decay", "2"]
-    single = run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "one"))
+    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "one"))
     double = run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "two"),
                         launcher=TORCHRUN, OMP_NUM_THREADS="1")
     one = only_folder(tmp_path / "one", "conv12_*")

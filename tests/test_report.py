@@ -1,0 +1,149 @@
+"""Report: a real tiny search and its retrain, read back from TensorBoard events or from
+_log.txt, tabulated and drawn; folders that are not searches or retrains are refused."""
+import shutil
+
+import pytest
+from PIL import Image
+from scripts import SEARCH_EPOCHS
+
+from gsparsity.checkpoint import load_checkpoint
+from gsparsity.errors import UserError
+from gsparsity.report import (
+    DPI, EVENTS, FIGURE_WIDTH, GMACS, GROUP_HEIGHT, LOG, TOP1, TOP5, ZERO_SHARE, compare, main,
+    read_experiment, table_rows, write_report,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(search_and_retrain):
+    return search_and_retrain
+
+
+@pytest.fixture(scope="module")
+def runs_without_events(tiny_runs, tmp_path_factory):
+    """Copies of both folders holding no TensorBoard files: only _log.txt is left to read."""
+    parent = tmp_path_factory.mktemp("without_events")
+    tensorboard_files = shutil.ignore_patterns("events.out.tfevents.*", "*_per_stage_*")  # add_scalars folders
+    for folder in tiny_runs:
+        shutil.copytree(folder, parent / folder.name, ignore=tensorboard_files)
+    return tuple(parent / folder.name for folder in tiny_runs)
+
+
+def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
+    search, _ = tiny_runs
+    experiment = read_experiment(search)
+    checkpoint = load_checkpoint(search / "checkpoint.pth.tar")
+    (small_model,) = search.glob("small_model_*.pth.tar")
+    rows = table_rows(experiment)
+    assert experiment.source == EVENTS
+    assert len(rows) == checkpoint["epoch"] == SEARCH_EPOCHS
+    top1 = [row[1] for row in rows]
+    assert max(top1) == pytest.approx(checkpoint["best_acc1"], abs=1e-4)
+    assert top1[-1] == pytest.approx(load_checkpoint(small_model)["val_top1_full"], abs=1e-4)
+
+
+def test_retrain_starts_with_the_inherited_weights_then_one_row_per_epoch(tiny_runs):
+    _, retrain = tiny_runs
+    experiment = read_experiment(retrain)
+    checkpoint = load_checkpoint(retrain / "checkpoint.pth.tar")
+    rows = table_rows(experiment)
+    assert [row[0] for row in rows] == ["start"] + [str(epoch) for epoch in range(checkpoint["epoch"])]
+    log = (retrain / "_log.txt").read_text()
+    assert f"inherited weights, before retraining: top1 {rows[0][1]:.3f} top5 {rows[0][2]:.3f}" in log
+    assert max(row[1] for row in rows[1:]) == pytest.approx(checkpoint["best_acc1"], abs=1e-4)
+
+
+def test_kept_filters_per_layer_are_those_of_the_compressed_model(tiny_runs):
+    search, _ = tiny_runs
+    experiment = read_experiment(search)
+    (small_model,) = search.glob("small_model_*.pth.tar")
+    weights = load_checkpoint(small_model)["state_dict"]
+    assert {layer.name: (layer.kept, layer.total) for layer in experiment.layers} == {
+        name: (weights[f"{name}.weight"].shape[0], record["filters"])
+        for name, record in load_checkpoint(small_model)["mask"]["layers"].items()}
+    assert any(layer.surviving < layer.total for layer in experiment.layers)  # the search pruned
+
+
+def test_retrain_holds_the_zero_filter_share_and_macs_of_the_search_at_its_end(tiny_runs):
+    search, retrain = (read_experiment(folder) for folder in tiny_runs)
+    last_epoch = search.epochs[-1]
+    for name in (ZERO_SHARE, GMACS):
+        assert list(retrain.series[name]) == retrain.epochs
+        for value in retrain.series[name].values():
+            assert value == pytest.approx(search.series[name][last_epoch], rel=1e-6), name
+
+
+def test_the_retrain_next_to_a_search_is_found(tiny_runs):
+    search, retrain = tiny_runs
+    (comparison,) = compare([search])
+    assert comparison.search.folder == search
+    assert [experiment.folder for experiment in comparison.retrains] == [retrain]
+
+
+def test_the_search_of_a_retrain_is_found(tiny_runs):
+    search, retrain = tiny_runs
+    (comparison,) = compare([retrain])
+    assert comparison.search.folder == search and len(comparison.retrains) == 1
+
+
+def test_the_log_gives_the_series_of_the_events_when_they_are_gone(tiny_runs, runs_without_events):
+    for with_events, without in zip(tiny_runs, runs_without_events):
+        from_events, from_log = read_experiment(with_events), read_experiment(without)
+        assert from_log.source == LOG
+        assert from_log.epochs == from_events.epochs
+        for name, rounding in ((TOP1, 1e-3), (TOP5, 1e-3), (ZERO_SHARE, 1e-6), (GMACS, 6e-3)):
+            for epoch, value in from_events.series[name].items():
+                assert from_log.series[name][epoch] == pytest.approx(value, abs=rounding), (name, epoch)
+
+
+def test_command_prints_the_table_and_draws_one_band_per_search(tiny_runs, tmp_path, capsys):
+    search, retrain = tiny_runs
+    out = tmp_path / "report.png"
+    main([str(search), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"search {search}" in printed and f"retrain {retrain}" in printed
+    best = load_checkpoint(retrain / "checkpoint.pth.tar")["best_acc1"]
+    assert f"{best:8.3f}" in printed
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (round(FIGURE_WIDTH * DPI), round(GROUP_HEIGHT * DPI))
+
+
+def test_two_searches_give_a_figure_twice_as_tall(tiny_runs, runs_without_events, tmp_path):
+    out = tmp_path / "two.png"
+    main([str(tiny_runs[0]), str(runs_without_events[0]), "--out", str(out)])
+    with Image.open(out) as image:
+        assert image.size == (round(FIGURE_WIDTH * DPI), round(2 * GROUP_HEIGHT * DPI))
+
+
+def test_without_find_only_the_folders_given_are_shown(tiny_runs):
+    (comparison,) = compare([tiny_runs[0]], find=False)
+    assert comparison.retrains == []
+
+
+def _missing_folder(tmp_path, baseline):
+    return tmp_path / "nowhere", "no such experiment folder"
+
+
+def _not_an_experiment(tmp_path, baseline):
+    return tmp_path, "no run_info.json in it"
+
+
+def _an_unpruned_training(tmp_path, baseline):
+    return baseline.parent, "a main_original.py run"
+
+
+@pytest.mark.parametrize("bad_folder", [_missing_folder, _not_an_experiment, _an_unpruned_training])
+def test_bad_folder_gets_one_line_and_exit_status_2(bad_folder, baseline, tmp_path, capsys):
+    folder, reason = bad_folder(tmp_path, baseline)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--out", str(tmp_path / "report.png")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert reason in error and error.count("\n") == 1 and "Traceback" not in error
+    assert not (tmp_path / "report.png").exists()
+
+
+def test_a_figure_name_that_is_not_png_is_refused_before_reading_anything(tmp_path):
+    with pytest.raises(UserError, match="ending in .png"):
+        write_report([tmp_path / "not read"], tmp_path / "report.jpg")
