@@ -2,7 +2,9 @@
 
 Writing: every file goes to a temporary file in the target's folder first, is flushed
 to disk, then renamed over the target in one step. A crash or a full disk part-way
-leaves the previous file untouched, never a half-written one.
+leaves the previous file untouched, never a half-written one. A process killed
+part-way (SIGKILL) leaves its temporary file behind; :func:`remove_stale_temp_files`
+clears those when the run is resumed.
 
 Reading: checkpoints are loaded with ``weights_only=True``, so a file can hold only
 tensors and plain containers (dict, list, tuple, str, numbers); anything that would
@@ -26,6 +28,7 @@ from .errors import UserError
 
 PathLike = str | os.PathLike
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
+TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # what _temp_name makes
 # Messages of torch's weights-only unpickler when a file asks for something beyond
 # tensors and plain containers (as opposed to bytes that are not a pickle at all).
 SAFETY_REFUSALS = ("GLOBAL ", "Trying to call reduce", "Can only create new object",
@@ -50,7 +53,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temp = path.with_name(_temp_name(path))
     try:
         # os.open with mode 0o666 lets the umask decide the permissions, as open() would.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -63,11 +66,38 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     except Exception as error:  # disk full, no permission, unpicklable object...
         _remove_quietly(temp)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise UserError(f"could not write {path}: {reason}") from error
+        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path}: {reason}; {kept}") from error
     except BaseException:  # e.g. Ctrl-C: still leave no temporary file behind
         _remove_quietly(temp)
         raise
     _fsync_directory(path.parent)
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder``; the ones whose
+    process still runs on this machine are kept. Returns the removed paths."""
+    removed = []
+    for candidate in sorted(Path(folder).glob(".*.tmp")):
+        found = TEMP_NAME.match(candidate.name)
+        if found and not _process_alive(int(found.group(1))):
+            _remove_quietly(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _keep_permissions(target: Path, temp: Path) -> None:

@@ -81,6 +81,15 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("--device", default="auto", choices=("auto", "cuda", "cpu"))
     add("--registry", default=None, metavar="FILE",
         help="model registry to use (default: list_of_models.py next to the scripts)")
+    add("--checkpoint-every", default=0, type=int, metavar="N",
+        help="also save checkpoint.pth.tar every N training steps, not only at epoch end "
+             "(--resume then continues from that exact step); 0: epoch end only")
+    add("--skip-nonfinite", default=0, type=int, metavar="N",
+        help="skip up to N steps whose loss is nan/inf (no update) before stopping; "
+             "costs a host sync per step on CUDA")
+    add("--bad-images", default="stop", choices=("stop", "skip"),
+        help="an unreadable image file: stop, naming it; or skip it (replaced by the next "
+             "readable image), with a count per epoch")
     if kind == "search":
         add("--normalization", default="div", choices=("none", "mul", "div"),
             help="scale mu by sqrt(filter size) (mul) or its inverse (div)")
@@ -93,6 +102,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         add("--group", default="filter", choices=("filter", "channel"),
             help="filter: the conv filter alone (the paper's); channel: with its BN weight and "
                  "bias, so that pruning is exact")
+        add("--round-to", default=1, type=int, metavar="N",
+            help="keep a multiple of N filters in every pruned layer (hardware-friendly widths): "
+                 "the highest-norm zero filters are kept too")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
     if kind == "retrain":
@@ -134,12 +146,18 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.start_epoch < 0:
         raise UserError(f"--start-epoch must be >= 0, got {args.start_epoch}")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.skip_nonfinite < 0:
+        raise UserError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
     if args.subset is not None and args.subset < 1:
         raise UserError(f"--subset must be >= 1, got {args.subset}")
     if args.data is None and not args.dummy:
         raise UserError("say where the images are: --data DIR (or --data demo, or --dummy)")
     if kind == "search":
         positive("pruning_threshold", args.pruning_threshold)
+        if args.round_to < 1:
+            raise UserError(f"--round-to must be >= 1, got {args.round_to}")
         if args.momentum == 0:
             raise UserError("--momentum must be > 0 for ProxSGD (it weighs the new gradient)")
         if args.register is not None:

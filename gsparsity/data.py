@@ -3,28 +3,48 @@
 Train and val both use a DistributedSampler-style split, so every process sees
 its own share; val is split without padding so all-reduced metrics count each
 image exactly once.
+
+Resuming in the middle of an epoch: the epoch's order depends only on (seed, epoch),
+:class:`EpochSampler` can start the epoch after the batches already done, and every
+training image draws its random augmentation from a generator seeded by (seed, epoch,
+image index) (:class:`SeededSamples`). So an image gets the same crop whichever loader
+worker reads it, however many workers there are, and whether or not the run stopped
+and resumed in between.
+
+Unreadable image files (truncated, not an image, no permission) are met by
+:class:`CheckedImageFolder`: it records them in memory shared with the loader workers
+and hands out the next readable image instead, so that batches keep their size; the
+training loop then stops naming the file (``--bad-images stop``) or counts them
+(``--bad-images skip``).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from .demo_data import demo_root
 from .distributed import DistContext
 from .errors import UserError
+from .stopping import ignore_stop_signals
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DUMMY_SIZES = {"train": 10_000, "val": 1_000}
 DUMMY_CLASSES = 1000
+# What PIL raises for a file it cannot decode: OSError (truncated, unidentified, no
+# permission), SyntaxError (broken PNG chunks), ValueError, DecompressionBombError.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -45,6 +65,128 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EpochSampler(DistributedSampler):
+    """The training sampler: this process's share of the epoch, shuffled by (seed, epoch),
+    optionally starting after ``skip`` samples (a resumed epoch); it yields
+    ``(index, augmentation seed)`` pairs for :class:`SeededSamples`."""
+
+    def __init__(self, dataset: Dataset, ctx: DistContext, seed: int, augment_seed: int) -> None:
+        super().__init__(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+        self.augment_seed = augment_seed
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(index, sample_seed(self.augment_seed, self.epoch, index)) for index in indices])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+def sample_seed(augment_seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one image in one epoch."""
+    entropy = [augment_seed & (2**64 - 1), epoch, index]  # SeedSequence takes no negative numbers
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+
+
+class SeededSamples(Dataset):
+    """Training samples whose augmentation draws come from their own seed (see the module
+    docstring). Only torch's CPU generator is seeded, which is what torchvision's
+    transforms use; the caller's generator state is left as it was."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        if isinstance(key, int):  # a plain index, as for any dataset: no seeding
+            return self.dataset[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ReadFailures:
+    """Unreadable images met by this process and its loader workers.
+
+    A table in shared memory, one row per worker (row 0: the process itself), so the
+    workers' records reach the main process: [failed reads, first failed index + 1]."""
+
+    def __init__(self, workers: int) -> None:
+        self.table = torch.zeros((workers + 1, 2), dtype=torch.int64).share_memory_()
+        self.reported = 0  # failed reads already reported, kept by the main process only
+
+    def record(self, index: int) -> None:
+        worker = get_worker_info()
+        row = 0 if worker is None else worker.id + 1
+        self.table[row, 0] += 1
+        if self.table[row, 1] == 0:
+            self.table[row, 1] = index + 1
+
+    def first_index(self) -> int | None:
+        recorded = [int(value) - 1 for value in self.table[:, 1].tolist() if value > 0]
+        return min(recorded) if recorded else None
+
+    def unreported_count(self) -> int:
+        """Failed reads since the last call."""
+        total = int(self.table[:, 0].sum())
+        new, self.reported = total - self.reported, total
+        return new
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """An ImageFolder that survives unreadable files: each one is recorded in
+    :attr:`failures` and replaced by the next readable image of the folder.
+
+    ``bad_images``: "stop" or "skip", what the training loop does about them."""
+
+    def __init__(self, root: str, transform: Any, bad_images: str, workers: int) -> None:
+        super().__init__(root, transform)
+        self.bad_images = bad_images
+        self.failures = ReadFailures(workers)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            path, target = self.samples[candidate]
+            try:
+                image = self.loader(path)
+            except UNREADABLE_IMAGE_ERRORS:
+                self.failures.record(candidate)
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise UserError(f"not a single image under {self.root} can be read")
+
+    def unreadable_to_stop_for(self) -> int | None:
+        """With --bad-images stop: the index of an unreadable image met so far, else None."""
+        return self.failures.first_index() if self.bad_images == "stop" else None
+
+    def unreadable_message(self, index: int) -> str:
+        """One line naming the file and what is wrong with it (read again to find out)."""
+        path = self.samples[index][0]
+        try:
+            self.loader(path)
+            reason = "it could not be read earlier"
+        except UNREADABLE_IMAGE_ERRORS as error:
+            reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"unreadable image {path}: {reason}; remove or replace it, or pass --bad-images skip "
+                f"to leave such files out (with --resume DIR --bad-images skip to continue)")
+
+
+def image_folder_of(dataset: Any) -> CheckedImageFolder | None:
+    """The CheckedImageFolder under a loader or a stack of dataset wrappers, if any."""
+    if isinstance(dataset, DataLoader):
+        dataset = dataset.dataset
+    while not isinstance(dataset, CheckedImageFolder):
+        if not hasattr(dataset, "dataset"):
+            return None
+        dataset = dataset.dataset
+    return dataset
 
 
 def build_transforms(image_size: int, augment: str) -> tuple[transforms.Compose, transforms.Compose]:
@@ -99,8 +241,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
         root, augment = Path(args.data), "imagenet"
         check_image_folder(root)
     train_tf, val_tf = build_transforms(args.image_size, augment)
-    train = datasets.ImageFolder(str(root / "train"), train_tf)
-    val = datasets.ImageFolder(str(root / "val"), val_tf)
+    bad_images = getattr(args, "bad_images", "stop")
+    train = CheckedImageFolder(str(root / "train"), train_tf, bad_images, args.workers)
+    val = CheckedImageFolder(str(root / "val"), val_tf, bad_images, args.workers)
     return subset(train, args.subset), subset(val, args.subset), len(train.classes)
 
 
@@ -119,20 +262,24 @@ def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
                         f"({ctx.world_size}); it is the global batch, split across them")
     per_process = args.batch_size // ctx.world_size
     seed = args.seed if args.seed is not None else 0
-    train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
-                                       shuffle=True, seed=seed)
+    # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.
+    augment_seed = args.seed if args.seed is not None else secrets.randbits(62)
+    train_sampler = EpochSampler(train_set, ctx, seed, augment_seed)
     common = dict(
         batch_size=per_process, num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-        persistent_workers=args.workers > 0,
+        persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
     )
-    train = DataLoader(train_set, sampler=train_sampler, generator=torch.Generator(), **common)
+    train = DataLoader(SeededSamples(train_set), sampler=train_sampler, generator=torch.Generator(),
+                       **common)
     val = DataLoader(val_set, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size), **common)
     return Loaders(train=train, val=val, num_classes=num_classes)
 
 
-def start_epoch(loader: DataLoader, epoch: int, seed: int | None) -> None:
+def start_epoch(loader: DataLoader, epoch: int, seed: int | None, first_step: int = 0) -> None:
     """Make the epoch's shuffling and augmentation depend only on (seed, epoch), so a
-    resumed run draws exactly what an uninterrupted one would."""
+    resumed run draws exactly what an uninterrupted one would; ``first_step``: the
+    number of batches of this epoch already done, which the loader leaves out."""
     loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = min(first_step * loader.batch_size, loader.sampler.num_samples)
     if seed is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)

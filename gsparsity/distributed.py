@@ -6,6 +6,12 @@
   GPU (``--world-size``/``--rank`` name the nodes, as in pytorch/examples).
 - Otherwise one process runs on one GPU or on the CPU, with no process group.
 NCCL is used on CUDA and gloo on CPU; no cluster-specific variable is needed.
+
+If a process dies, the others fail in their next collective: with gloo at once (the
+dead peer's connections close, measured at about 2 s on CPU), with NCCL when
+``--dist-timeout`` runs out (NCCL's watchdog then aborts the process). Under
+``torchrun`` the launcher also stops the remaining processes as soon as one exits.
+:class:`ProcessGroupFailure` turns gloo's and NCCL's errors into one clear line.
 """
 from __future__ import annotations
 
@@ -20,6 +26,21 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+
+class ProcessGroupFailure(Exception):
+    """A collective failed because another process is gone or unreachable."""
+
+
+# Words in the RuntimeError that gloo or NCCL raise when a peer's connection breaks.
+TRANSPORT_FAILURE_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe")
+
+
+def is_transport_failure(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(word in text for word in TRANSPORT_FAILURE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,9 @@ def setup(args: argparse.Namespace, local_index: int | None = None) -> DistConte
         world_size = args.world_size
     else:
         rank, world_size, local_rank = 0, 1, 0
+    if args.batch_size < world_size:  # refused by every process alike, before any of them waits
+        raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
+                        f"({world_size}); it is the global batch, split across them")
 
     if device_type == "cuda":
         index = args.gpu if args.gpu is not None else local_rank
@@ -119,6 +143,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes in place (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over processes in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

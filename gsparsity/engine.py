@@ -2,24 +2,27 @@
 
 Metrics are summed on the device and only read back (a host sync) at print
 frequency and at the end; the end-of-epoch figures are all-reduced so every
-process reports the same numbers.
+process reports the same numbers. A :class:`~gsparsity.stopping.StepGuard` watches
+each step (non-finite loss, unreadable images, stop signals) and decides with the
+other processes when to stop; mid-epoch checkpoints are saved through a callback.
 """
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import DistContext, all_reduce_sum
+from .data import image_folder_of
+from .distributed import DistContext, all_reduce_max, all_reduce_sum
 from .errors import UserError
+from .stopping import StepGuard, StopRequested
 
 log = logging.getLogger("gsparsity")
 
@@ -32,6 +35,7 @@ class EpochMetrics:
     images: int
     seconds: float
     data_seconds: float = 0.0
+    scaler_skips: int = 0  # steps the GradScaler skipped for inf/nan gradients
 
     @property
     def images_per_second(self) -> float:
@@ -89,47 +93,105 @@ def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     return images, target.to(device, non_blocking=True)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """One update. With a GradScaler: a device flag, 1 if it skipped the step (inf/nan
+    gradients), read from its scale, which drops exactly then (no host sync)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return None
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    # _get_scale_async: the scale as a device tensor; get_scale() would sync every step.
+    scale_before = scaler._get_scale_async().clone()
+    scaler.update()
+    return (scaler._get_scale_async() < scale_before).to(torch.int64)
+
+
+def log_progress(bar, sums: MetricSums, ctx: DistContext, started: float, data_seconds: float,
+                 where: str, lr: float) -> None:
+    loss_avg, top1, top5, count = sums.averages()  # a host sync
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(f"loss {loss_avg:.3f} top1 {top1:.1f} img/s {count / elapsed:.0f}")
+    if ctx.is_main:
+        log.info(f"{where} loss {loss_avg:.4f} top1 {top1:.2f} top5 {top5:.2f} "
+                 f"img/s {count * ctx.world_size / elapsed:.1f} data {100.0 * data_seconds / elapsed:.0f}% "
+                 f"lr {lr:.3g}")
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, args) -> EpochMetrics:
+                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, args,
+                    guard: StepGuard | None = None, first_step: int = 0,
+                    save_progress: Callable[[int], None] | None = None) -> EpochMetrics:
+    """Train one epoch, from ``first_step`` on if it was partly done before.
+
+    ``save_progress(steps_done)`` saves a mid-epoch checkpoint every ``args.checkpoint_every``
+    steps. Raises :class:`StopRequested` after the step at which every process agreed to
+    stop for a signal (the caller saves the checkpoint), and UserError for a non-finite
+    loss or an unreadable image (``--bad-images stop``), before any further checkpoint."""
+    guard = guard or StepGuard(ctx, StepGuard.check_interval(ctx, args.print_freq),
+                               getattr(args, "skip_nonfinite", 0))
+    total_steps = first_step + len(loader)
+    guard.start_epoch(epoch, total_steps, image_folder_of(loader))
+    checkpoint_every = getattr(args, "checkpoint_every", 0) if save_progress is not None else 0
     model.train()
     sums = MetricSums(ctx.device)
+    scaler_skips = torch.zeros((), dtype=torch.int64, device=ctx.device)
     started = time.perf_counter()
     data_seconds = 0.0
     bar = progress(loader, ctx, f"epoch {epoch} train", len(loader))
     fetch_started = time.perf_counter()
-    for step, (images, target) in enumerate(bar):
+    for step, (images, target) in enumerate(bar, start=first_step):
         data_seconds += time.perf_counter() - fetch_started
         images, target = to_device(images, target, ctx.device, args.channels_last)
         with autocast(ctx.device, args.amp):
             output = model(images)
             loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        sums.add(loss, output, target)
-        if (step + 1) % args.print_freq == 0 or step + 1 == len(loader):
-            loss_avg, top1, top5, count = sums.averages()  # the only host sync of the loop
-            if not math.isfinite(loss_avg):
-                raise UserError(f"the loss became {loss_avg} in epoch {epoch}, step {step + 1}: "
-                                f"lower --lr or check the data; the last checkpoint is untouched")
-            now = time.perf_counter()
-            elapsed = now - started
-            line = (f"epoch {epoch} [{step + 1}/{len(loader)}] loss {loss_avg:.4f} "
-                    f"top1 {top1:.2f} top5 {top5:.2f} img/s {count * ctx.world_size / elapsed:.1f} "
-                    f"data {100.0 * data_seconds / elapsed:.0f}% lr {optimizer.param_groups[0]['lr']:.3g}")
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"loss {loss_avg:.3f} top1 {top1:.1f} img/s {count / elapsed:.0f}")
-            if ctx.is_main:
-                log.info(line)
+        if guard.loss_usable(loss, step):
+            skipped_by_scaler = backward_and_step(loss, optimizer, scaler)
+            if skipped_by_scaler is not None:
+                scaler_skips += skipped_by_scaler
+            sums.add(loss, output, target)
+            guard.watch(loss, step)
+        steps_done = step + 1
+        if steps_done % args.print_freq == 0 or steps_done == total_steps:
+            log_progress(bar, sums, ctx, started, data_seconds, f"epoch {epoch} [{steps_done}/{total_steps}]",
+                         optimizer.param_groups[0]["lr"])
+        checkpoint_due = checkpoint_every > 0 and steps_done % checkpoint_every == 0
+        if guard.is_check_step(steps_done, must_check=checkpoint_due):
+            signal_name = guard.check()
+            if signal_name is not None:
+                raise StopRequested(steps_done, signal_name)
+            if checkpoint_due and steps_done < total_steps:  # the epoch's end saves its own
+                save_progress(steps_done)
         fetch_started = time.perf_counter()
-    total = sums.reduced()
-    loss_avg, top1, top5, count = total.averages()
-    return EpochMetrics(loss_avg, top1, top5, count, time.perf_counter() - started, data_seconds)
+    settle_unreadable_images(loader, ctx, f"epoch {epoch} train")
+    loss_avg, top1, top5, count = sums.reduced().averages()
+    return EpochMetrics(loss_avg, top1, top5, count, time.perf_counter() - started, data_seconds,
+                        int(all_reduce_sum(scaler_skips.reshape(1)).item()))
+
+
+def settle_unreadable_images(loader, ctx: DistContext, what: str) -> None:
+    """After a pass over an ImageFolder: with --bad-images stop, stop naming the first
+    unreadable file any process met; with skip, warn once with the count."""
+    images = image_folder_of(loader)
+    if images is None:
+        return
+    first = images.failures.first_index()
+    found = torch.tensor([images.failures.unreported_count(), -1 if first is None else first],
+                         dtype=torch.int64, device=ctx.device)
+    count = int(all_reduce_sum(found[:1].clone()).item())
+    first = int(all_reduce_max(found[1:].clone()).item())
+    if count == 0 and first < 0:
+        return
+    if images.bad_images == "stop":
+        raise UserError(images.unreadable_message(first))
+    if count and ctx.is_main:
+        log.warning(f"{what}: {count} unreadable image file(s) skipped, each replaced by the next "
+                    f"readable image (e.g. {images.samples[first][0]})")
 
 
 @torch.no_grad()
@@ -144,5 +206,6 @@ def validate(model: nn.Module, loader, criterion: nn.Module, ctx: DistContext, a
             output = model(images)
             loss = criterion(output, target)
         sums.add(loss.float(), output.float(), target)
+    settle_unreadable_images(loader, ctx, description)
     loss_avg, top1, top5, count = sums.reduced().averages()
     return EpochMetrics(loss_avg, top1, top5, count, time.perf_counter() - started)

@@ -3,11 +3,16 @@
 ``main(kind, workflow)`` parses and checks the flags (reading them back from
 ``run_info.json`` on ``--resume``), starts one process per GPU when needed, and
 turns a :class:`UserError` into one line on stderr and exit status 2.
+
+Exit statuses: 0 done; 2 bad input (one line on stderr, nothing overwritten);
+75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (continue with ``--resume``);
+1 a process group failure (e.g. another process died); 130 Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -15,16 +20,19 @@ import torch.multiprocessing as mp
 
 from . import distributed
 from .cli import build_parser, explicit_flags, validate_args
-from .distributed import DistContext
+from .distributed import DistContext, ProcessGroupFailure, is_transport_failure
 from .errors import UserError
 from .experiment import read_run_info
+from .stopping import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, catching_stop_signals
 
 Workflow = Callable[[argparse.Namespace, DistContext], None]
 EXIT_USER_ERROR = 2
+EXIT_PROCESS_GROUP = 1
 # Flags a resumed run may change; everything else comes back from run_info.json.
 RESUME_OVERRIDES = {
     "resume", "epochs", "workers", "print_freq", "device", "gpu", "dist_url", "dist_backend",
     "world_size", "rank", "dist_timeout", "register", "registry", "evaluate",
+    "checkpoint_every", "skip_nonfinite", "bad_images",
 }
 
 
@@ -45,11 +53,16 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace) -> None:
-    ctx = distributed.setup(args, local_index)
-    try:
-        workflow(args, ctx)
-    finally:
-        distributed.cleanup()
+    with catching_stop_signals():
+        ctx = distributed.setup(args, local_index)
+        try:
+            workflow(args, ctx)
+        except RuntimeError as error:
+            if ctx.distributed and is_transport_failure(error):
+                raise ProcessGroupFailure(first_line(error)) from error
+            raise
+        finally:
+            distributed.cleanup()
 
 
 def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace) -> None:
@@ -58,6 +71,44 @@ def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespac
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Preempted as stop:
+        if stop.report:
+            print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except ProcessGroupFailure as failure:
+        print(process_group_message(failure), file=sys.stderr)
+        sys.exit(EXIT_PROCESS_GROUP)
+
+
+def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int) -> None:
+    """One process per GPU; a stop signal sent to this parent is passed on to them."""
+    context = mp.start_processes(spawned_worker, args=(workflow, args), nprocs=processes,
+                                 join=False, start_method="spawn")
+
+    def forward(signum: int, frame) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {number: signal.signal(number, forward) for number in STOP_SIGNALS}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as failure:
+        sys.exit(failure.exit_code if failure.exit_code > 0 else 1)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def process_group_message(failure: ProcessGroupFailure) -> str:
+    return (f"error: lost contact with another process ({failure}); this one stops too; continue "
+            f"from the last checkpoint with --resume")
 
 
 def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> None:
@@ -69,15 +120,19 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
         processes = distributed.processes_to_spawn(args)
         if processes > 1:
             distributed.prepare_spawn(args, processes)
-            try:
-                mp.spawn(spawned_worker, args=(workflow, args), nprocs=processes)
-            except mp.ProcessExitedException as failure:
-                sys.exit(failure.exit_code if failure.exit_code > 0 else 1)
+            spawn_workers(workflow, args, processes)
         else:
             run_worker(None, workflow, args)
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Preempted as stop:
+        if stop.report:
+            print(f"{prog}: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except ProcessGroupFailure as failure:  # e.g. another process died: its connections closed
+        print(f"{prog}: {process_group_message(failure)}", file=sys.stderr)
+        sys.exit(EXIT_PROCESS_GROUP)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -3,6 +3,10 @@
 A workflow (search, retrain, original) builds its model and optimizer, wraps them
 in a :class:`Run`, and calls :func:`fit` with a hook for its own end-of-epoch work
 (the search computes the mask and the compressed model there).
+
+A checkpoint records the epoch and the steps done in it (``"step"``: 0 at an epoch's
+end; more with ``--checkpoint-every`` or after a stop signal), so ``--resume`` goes on
+from that exact step, with the random state the checkpoint captured.
 """
 from __future__ import annotations
 
@@ -11,18 +15,20 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
+                         restore_rng_state)
 from .data import Loaders, start_epoch
-from .distributed import DistContext
+from .distributed import DistContext, barrier
 from .engine import EpochMetrics, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars
+from .stopping import Preempted, StepGuard, StopRequested
 
 log = logging.getLogger("gsparsity")
 CHECKPOINT = "checkpoint.pth.tar"
@@ -45,6 +51,8 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     start_epoch: int = 0
+    start_step: int = 0  # steps of start_epoch already done (a mid-epoch checkpoint)
+    resume_rng: dict[str, Any] | None = None  # random state of a mid-epoch checkpoint
     best_acc1: float = 0.0
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)  # e.g. the mask of a small model
 
@@ -55,12 +63,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_epoch(run: "Run", epoch: int) -> None:
+def seed_epoch(run: "Run", epoch: int, first_step: int = 0) -> None:
     """An epoch's shuffling, augmentation and any other draw depend on (seed, epoch) only,
-    so a resumed run draws exactly what an uninterrupted one would."""
+    so a resumed run draws exactly what an uninterrupted one would. Resumed part-way
+    (``first_step`` > 0), the random state is the one the checkpoint captured."""
     if run.args.seed is not None:
         seed_everything(run.args.seed * 1_000 + epoch)
-    start_epoch(run.loaders.train, epoch, run.args.seed)
+    start_epoch(run.loaders.train, epoch, run.args.seed, first_step)
+    if first_step and run.resume_rng:
+        restore_rng_state(run.resume_rng)
 
 
 def place_model(model: nn.Module, args: argparse.Namespace, ctx: DistContext) -> nn.Module:
@@ -90,9 +101,12 @@ def make_scaler(args: argparse.Namespace, ctx: DistContext) -> torch.amp.GradSca
     return None
 
 
-def checkpoint_state(run: Run, next_epoch: int) -> dict[str, Any]:
+def checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
+    """Everything needed to go on at step ``step`` of epoch ``epoch``."""
     return {
-        "epoch": next_epoch,
+        "epoch": epoch,
+        "step": step,
+        "world_size": run.ctx.world_size,
         "arch": run.args.arch,
         "state_dict": run.plain_model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -104,10 +118,27 @@ def checkpoint_state(run: Run, next_epoch: int) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(run: Run, next_epoch: int, is_best: bool) -> None:
+def check_weights_finite(run: Run, epoch: int, step: int) -> None:
+    """Refuse to go on (and to save) with nan/inf weights or BatchNorm statistics.
+
+    A finite loss at step s only vouches for the weights before update s, so this is
+    checked before every save; every process checks its (identical) copy, so all stop."""
+    state = run.plain_model.state_dict()
+    floating = {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
+    if torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).all():
+        return  # one host sync for the whole model
+    first = next(name for name, tensor in floating.items() if not torch.isfinite(tensor).all())
+    raise UserError(f"the weights became nan or inf in epoch {epoch} by step {step} (e.g. {first}): "
+                    f"lower --lr; nothing was saved, the last checkpoint is untouched")
+
+
+def save_checkpoint(run: Run, epoch: int, step: int = 0, is_best: bool = False) -> None:
+    """Rank 0 writes checkpoint.pth.tar (and model_best.pth.tar), each atomically: a crash
+    or a full disk part-way leaves the previous file as it was."""
+    check_weights_finite(run, epoch, step)
     if not run.ctx.is_main:
         return
-    state = checkpoint_state(run, next_epoch)
+    state = checkpoint_state(run, epoch, step)
     atomic_save(state, run.folder / CHECKPOINT)
     if is_best:
         atomic_save(state, run.folder / BEST)
@@ -116,13 +147,22 @@ def save_checkpoint(run: Run, next_epoch: int, is_best: bool) -> None:
 def load_resume_checkpoint(folder: Path) -> dict[str, Any]:
     """The latest checkpoint of an experiment, falling back to model_best if it is broken."""
     latest, best = Path(folder) / CHECKPOINT, Path(folder) / BEST
+    if not latest.exists() and not best.exists():
+        raise UserError(f"--resume {folder}: it holds no {CHECKPOINT} or {BEST} (the run stopped "
+                        f"before its first checkpoint); start it again without --resume")
     try:
         return load_checkpoint(latest)
-    except UserError as problem:
-        if not best.is_file():
-            raise UserError(f"--resume {folder}: {problem}") from None
-        log.warning(f"--resume: {problem}; falling back to {best.name}")
-        return load_checkpoint(best)
+    except UserError as latest_problem:
+        if not best.exists():
+            raise UserError(f"--resume {folder}: {latest_problem}; and there is no {BEST} "
+                            f"to fall back to") from None
+        try:
+            loaded = load_checkpoint(best)
+        except UserError as best_problem:
+            raise UserError(f"--resume {folder}: neither checkpoint can be used: {latest_problem}; "
+                            f"{best_problem}") from None
+        log.warning(f"--resume: {latest_problem}; falling back to {best.name} (epoch {loaded.get('epoch')})")
+        return loaded
 
 
 def restore(run: Run, checkpoint: dict[str, Any]) -> None:
@@ -133,10 +173,18 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = int(checkpoint["epoch"])
+    run.start_step = int(checkpoint.get("step", 0))  # older checkpoints: epoch ends only
     run.best_acc1 = float(checkpoint["best_acc1"])
     if checkpoint.get("rng"):
         restore_rng_state(checkpoint["rng"])
-    log.info(f"resumed from {run.folder} at epoch {run.start_epoch} (best top-1 {run.best_acc1:.2f})")
+        run.resume_rng = checkpoint["rng"] if run.start_step else None
+    saved_world = checkpoint.get("world_size", run.ctx.world_size)
+    if run.start_step and saved_world != run.ctx.world_size:
+        log.warning(f"--resume: the checkpoint was saved by {saved_world} process(es), this run has "
+                    f"{run.ctx.world_size}: the rest of epoch {run.start_epoch} goes through the "
+                    f"images in another order than the first part did")
+    within = f", after step {run.start_step}" if run.start_step else ""
+    log.info(f"resumed from {run.folder} at epoch {run.start_epoch}{within} (best top-1 {run.best_acc1:.2f})")
 
 
 def skip_to_start_epoch(run: Run) -> None:
@@ -150,41 +198,93 @@ def report_validation(metrics: EpochMetrics, what: str) -> None:
              f"({metrics.images} images)")
 
 
+def stop_for_signal(run: Run, epoch: int, steps_done: int, signal_name: str,
+                    already_saved: bool = False) -> NoReturn:
+    """Save where the run is, wait until it is on disk, and raise :class:`Preempted`."""
+    if not already_saved:
+        save_checkpoint(run, epoch, steps_done)
+    barrier()  # no process may exit (and have a launcher kill rank 0) before the file is written
+    message = (f"stopped by {signal_name} in epoch {epoch} after step {steps_done}; checkpoint saved; "
+               f"continue with --resume {run.folder}")
+    if run.ctx.is_main:
+        log.warning(message)
+    raise Preempted(message, report=run.ctx.is_main)
+
+
+def train_epoch(run: Run, epoch: int, guard: StepGuard) -> EpochMetrics:
+    """One epoch of training (the rest of it, if resumed part-way)."""
+    first_step = run.start_step if epoch == run.start_epoch else 0
+    seed_epoch(run, epoch, first_step)
+    try:
+        return train_one_epoch(run.model, run.loaders.train, run.criterion, run.optimizer, run.scaler,
+                               run.ctx, epoch, run.args, guard=guard, first_step=first_step,
+                               save_progress=lambda steps_done: save_checkpoint(run, epoch, steps_done))
+    except StopRequested as stop:
+        stop_for_signal(run, epoch, stop.steps_done, stop.signal_name)
+
+
 def fit(run: Run, on_epoch_end: EpochHook | None = None) -> None:
     """Train from ``run.start_epoch`` to ``args.epochs``, validating and checkpointing each epoch."""
     args = run.args
-    for epoch in range(run.start_epoch, args.epochs):
-        seed_epoch(run, epoch)
-        train = train_one_epoch(run.model, run.loaders.train, run.criterion, run.optimizer,
-                                run.scaler, run.ctx, epoch, args)
-        lr = run.optimizer.param_groups[0]["lr"]
-        run.scheduler.step()
-        val = validate(run.model, run.loaders.val, run.criterion, run.ctx, args)
-        is_best = val.top1 > run.best_acc1
-        run.best_acc1 = max(run.best_acc1, val.top1)
-        log.info(f"epoch {epoch} done: train loss {train.loss:.4f} top1 {train.top1:.2f} | "
-                 f"val loss {val.loss:.4f} top1 {val.top1:.3f} top5 {val.top5:.3f} | "
-                 f"best top1 {run.best_acc1:.3f} | {train.images_per_second:.1f} img/s | "
-                 f"data wait {100 * train.data_seconds / max(train.seconds, 1e-9):.0f}%")
-        for tag, value in (("train/loss", train.loss), ("train/top1", train.top1),
-                           ("val/loss", val.loss), ("val/top1", val.top1), ("val/top5", val.top5),
-                           ("lr", lr), ("train/images_per_second", train.images_per_second)):
-            run.scalars.add(tag, value, epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, val)
-        save_checkpoint(run, epoch + 1, is_best)
-    run.scalars.close()
+    guard = StepGuard(run.ctx, StepGuard.check_interval(run.ctx, args.print_freq),
+                      getattr(args, "skip_nonfinite", 0))
+    try:
+        for epoch in range(run.start_epoch, args.epochs):
+            run_epoch(run, epoch, guard, on_epoch_end)
+    except UserError as error:  # so that _log.txt, too, says why the run ended
+        if run.ctx.is_main:
+            log.error(f"the run stopped: {error}")
+        raise
+    finally:
+        run.scalars.close()
+
+
+def run_epoch(run: Run, epoch: int, guard: StepGuard, on_epoch_end: EpochHook | None) -> None:
+    """Train, validate, run the workflow's hook, checkpoint; stop here if a signal came."""
+    train = train_epoch(run, epoch, guard)
+    check_weights_finite(run, epoch, guard.total_steps)  # before validation and the epoch hook
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    val = validate(run.model, run.loaders.val, run.criterion, run.ctx, run.args)
+    is_best = val.top1 > run.best_acc1
+    run.best_acc1 = max(run.best_acc1, val.top1)
+    report_epoch(run, epoch, train, val, lr)
+    if on_epoch_end is not None:
+        on_epoch_end(epoch, val)
+    save_checkpoint(run, epoch + 1, 0, is_best)
+    signal_name = guard.agreed_signal()  # received during validation or the epoch's end
+    if signal_name is not None and epoch + 1 < run.args.epochs:
+        stop_for_signal(run, epoch + 1, 0, signal_name, already_saved=True)
+
+
+def report_epoch(run: Run, epoch: int, train: EpochMetrics, val: EpochMetrics, lr: float) -> None:
+    log.info(f"epoch {epoch} done: train loss {train.loss:.4f} top1 {train.top1:.2f} | "
+             f"val loss {val.loss:.4f} top1 {val.top1:.3f} top5 {val.top5:.3f} | "
+             f"best top1 {run.best_acc1:.3f} | {train.images_per_second:.1f} img/s | "
+             f"data wait {100 * train.data_seconds / max(train.seconds, 1e-9):.0f}%")
+    if train.scaler_skips:
+        log.info(f"epoch {epoch}: the GradScaler skipped {train.scaler_skips} step(s) for inf/nan "
+                 f"gradients (lowering its scale)")
+    for tag, value in (("train/loss", train.loss), ("train/top1", train.top1),
+                       ("val/loss", val.loss), ("val/top1", val.top1), ("val/top5", val.top5),
+                       ("lr", lr), ("train/images_per_second", train.images_per_second)):
+        run.scalars.add(tag, value, epoch)
 
 
 def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, model: nn.Module,
               optimizer: torch.optim.Optimizer, loaders: Loaders, **extra: Any) -> Run:
     """Wrap the pieces in a Run, resumed from the folder's checkpoint on --resume."""
+    # Load first: a broken checkpoint must stop the run before anything is written.
+    checkpoint = load_resume_checkpoint(folder) if args.resume else None
     run = Run(args=args, ctx=ctx, folder=folder, model=wrap_ddp(model, ctx), plain_model=model,
               optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args, ctx),
               start_epoch=args.start_epoch, **extra)
-    if args.resume:
-        restore(run, load_resume_checkpoint(folder))
+    if checkpoint is not None:
+        restore(run, checkpoint)
+        if ctx.is_main:
+            for leftover in remove_stale_temp_files(folder):
+                log.info(f"removed {leftover.name}, left by a process killed while writing")
     else:
         skip_to_start_epoch(run)
     return run

@@ -37,6 +37,8 @@ def fails_with(capsys, script, argv, message):
     (["-b", "0"], "--batch-size must be > 0"),
     (["--register", "not a name"], "use a Python identifier"),
     (["--register", "class"], "not a Python keyword"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
 ])
 def test_search_refuses_nonsense_numbers(capsys, tmp_path, flags, message):
     fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path), *flags], message)
@@ -102,3 +104,18 @@ def test_an_existing_experiment_folder_is_never_overwritten(capsys, tmp_path, mo
     fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path)], "already exists")
     assert (existing / "_log.txt").read_text() == "a previous run\n"
     assert [path.name for path in existing.iterdir()] == ["_log.txt"]
+
+
+def test_batch_smaller_than_the_number_of_processes_is_refused_before_any_folder(capsys, tmp_path,
+                                                                                 monkeypatch):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)  # as torchrun would start 2 processes
+    fails_with(capsys, SEARCH, [*TINY, "-b", "1", "--device", "cpu", "--path_to_save", str(tmp_path)],
+               "--batch-size 1 is smaller than the number of processes (2)")
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_may_change_how_often_checkpoints_are_saved_but_not_the_recipe(capsys, tmp_path):
+    (tmp_path / "run_info.json").write_text(json.dumps({"args": {"lr": 0.001}}))
+    fails_with(capsys, SEARCH, ["--resume", str(tmp_path), "--checkpoint-every", "5", "--bad-images", "skip",
+                                "--momentum", "0.5"], "cannot change: --momentum")
