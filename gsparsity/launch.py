@@ -11,10 +11,11 @@ Exit statuses: 0 done; 2 bad input (one line on stderr, nothing overwritten);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch.multiprocessing as mp
 
@@ -65,19 +66,26 @@ def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Names
             distributed.cleanup()
 
 
-def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def exit_cleanly(prefix: str) -> Iterator[None]:
+    """Turn the expected ways a run ends early into one line on stderr and their exit status."""
     try:
-        run_worker(local_index, workflow, args)
+        yield
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{prefix}error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except Preempted as stop:
         if stop.report:
-            print(f"stopped: {stop}", file=sys.stderr)
+            print(f"{prefix}{stop}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
-    except ProcessGroupFailure as failure:
-        print(process_group_message(failure), file=sys.stderr)
+    except ProcessGroupFailure as failure:  # e.g. another process died: its connections closed
+        print(f"{prefix}{process_group_message(failure)}", file=sys.stderr)
         sys.exit(EXIT_PROCESS_GROUP)
+
+
+def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace) -> None:
+    with exit_cleanly(prefix=f"[process {local_index}] "):
+        run_worker(local_index, workflow, args)
 
 
 def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int) -> None:
@@ -115,24 +123,15 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
     prog = os.path.basename(sys.argv[0])
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(kind, argv)
-        validate_args(args, kind)
-        processes = distributed.processes_to_spawn(args)
-        if processes > 1:
-            distributed.prepare_spawn(args, processes)
-            spawn_workers(workflow, args, processes)
-        else:
-            run_worker(None, workflow, args)
-    except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except Preempted as stop:
-        if stop.report:
-            print(f"{prog}: {stop}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except ProcessGroupFailure as failure:  # e.g. another process died: its connections closed
-        print(f"{prog}: {process_group_message(failure)}", file=sys.stderr)
-        sys.exit(EXIT_PROCESS_GROUP)
+        with exit_cleanly(prefix=f"{prog}: "):
+            args = parse_args(kind, argv)
+            validate_args(args, kind)
+            processes = distributed.processes_to_spawn(args)
+            if processes > 1:
+                distributed.prepare_spawn(args, processes)
+                spawn_workers(workflow, args, processes)
+            else:
+                run_worker(None, workflow, args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
