@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import timed  # noqa: E402
 from gsparsity.masks import compute_mask, transfer_model_parameters  # noqa: E402
 from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
 from gsparsity.structure import prunable_convs  # noqa: E402
@@ -39,15 +39,9 @@ def sparse_model(arch: str, scope: str) -> torch.nn.Module:
 
 def time_once(model: torch.nn.Module, arch: str, scope: str) -> dict[str, float]:
     timings = {}
-    start = time.perf_counter()
-    mask = compute_mask(model, scope=scope)
-    timings["mask"] = time.perf_counter() - start
-    start = time.perf_counter()
-    small = build_pruned_resnet(arch, mask, scope)
-    timings["build"] = time.perf_counter() - start
-    start = time.perf_counter()
-    transfer_model_parameters(model, small, mask, scope)
-    timings["transfer"] = time.perf_counter() - start
+    mask, timings["mask"] = timed(lambda: compute_mask(model, scope=scope))
+    small, timings["build"] = timed(lambda: build_pruned_resnet(arch, mask, scope))
+    _, timings["transfer"] = timed(lambda: transfer_model_parameters(model, small, mask, scope))
     timings["total"] = sum(timings.values())
     return timings
 

@@ -9,17 +9,15 @@ machine load hit all of them alike, and the median of the repeats is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torchvision.models import resnet50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+from _timing import command_line, interleaved_medians  # noqa: E402
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 
@@ -63,32 +61,16 @@ def build_optimizers(device: torch.device) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-def timed(step: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds taken by one call, the device's queue drained on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def median_step_ms(optimizers: dict[str, torch.optim.Optimizer], repeats: int, warmup: int,
                    device: torch.device) -> dict[str, float]:
-    for _ in range(warmup):
-        for optimizer in optimizers.values():
-            timed(optimizer.step, device)
-    samples: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(repeats):
-        for name, optimizer in optimizers.items():
-            samples[name].append(timed(optimizer.step, device))
-    return {name: statistics.median(times) for name, times in samples.items()}
+    steps = {name: optimizer.step for name, optimizer in optimizers.items()}
+    medians = interleaved_medians(steps, repeats, warmup, device)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
 def report(medians: dict[str, float], args: argparse.Namespace) -> str:
     lines = [
-        "command: " + " ".join([Path(sys.executable).name] + sys.argv),
+        "command: " + command_line(),
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"repeats {args.repeats}, warmup {args.warmup}",
         f"{'optimizer':<10} {'median ms/step':>15}",

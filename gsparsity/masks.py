@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -67,15 +68,41 @@ def plain_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def compute_mask(model: nn.Module, threshold: float = 1e-6, scope: str = "conv12") -> Mask:
-    """True for every filter whose L2 norm is above ``threshold``, per prunable conv, in forward order."""
+def compute_mask(
+    model: nn.Module, threshold: float = 1e-6, scope: str = "conv12", round_to: int = 1
+) -> Mask:
+    """True for every filter whose L2 norm is above ``threshold``, per prunable conv, in forward order.
+
+    With ``round_to`` N > 1 every layer keeps a multiple of N filters (all of them when
+    it has fewer than N): convolution kernels run faster at such widths. The filters
+    added to reach the multiple are the highest-norm ones under the threshold.
+    """
     if not threshold > 0:
         raise UserError(f"the mask threshold must be positive, got {threshold}")
+    if type(round_to) is not int or round_to < 1:
+        raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
     mask: Mask = {}
     for prunable in prunable_convs(plain_model(model), scope):
-        filter_norms = prunable.conv.weight.detach().flatten(1).norm(dim=1)
-        mask[prunable.name] = (filter_norms > threshold).cpu()
+        filter_norms = prunable.conv.weight.detach().flatten(1).norm(dim=1).cpu()
+        mask[prunable.name] = _round_kept_count(filter_norms > threshold, filter_norms, round_to)
     return mask
+
+
+def _round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
+    """``mask_row`` plus the highest-norm pruned filters needed for a multiple of ``round_to`` kept."""
+    if round_to == 1:
+        return mask_row
+    kept = int(mask_row.sum())
+    # An all-pruned layer still has one channel (kept_indices): round that one up too.
+    wanted = min(mask_row.numel(), math.ceil(max(kept, 1) / round_to) * round_to)
+    if wanted <= kept:
+        return mask_row
+    candidate_norms = filter_norms.masked_fill(mask_row, -math.inf)
+    # Stable sort: equal norms (e.g. exact zeros) are taken in index order, reproducibly.
+    order = torch.sort(candidate_norms, descending=True, stable=True).indices
+    rounded = mask_row.clone()
+    rounded[order[: wanted - kept]] = True
+    return rounded
 
 
 def kept_indices(mask_row: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ class EpochEnd:
 
     def __call__(self, epoch: int, val) -> None:
         run, args = self.run, self.run.args
-        mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope)
+        mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
         check_ranks_agree(mask, run.ctx)
         if not run.ctx.is_main:
             return

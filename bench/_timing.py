@@ -1,0 +1,77 @@
+"""Timing helpers shared by the benches: interleaved repeats, medians, a header line.
+
+The load of a shared machine drifts (other processes, clock frequency), so a bench
+compares its candidates within ONE run: every repeat calls each candidate once, in
+turn, and each candidate's median is reported. Ratios of those medians are the
+figures worth quoting; absolute times from different runs are not comparable.
+"""
+from __future__ import annotations
+
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+Result = TypeVar("Result")
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(call: Callable[[], Result], device: torch.device | None = None) -> tuple[Result, float]:
+    """(what ``call()`` returns, seconds it took), the device's queue drained on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def interleaved_samples(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, list[float]]:
+    """{name: seconds of each timed call}: ``warmup`` untimed rounds, then ``repeats`` timed ones.
+
+    A round calls every candidate once, in the order given, so that drifts in machine
+    load hit all of them alike.
+    """
+    for _ in range(warmup):
+        for call in candidates.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, call in candidates.items():
+            samples[name].append(timed(call, device)[1])
+    return samples
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """{name: median seconds per call} of ``interleaved_samples``."""
+    samples = interleaved_samples(candidates, repeats, warmup, device)
+    return {name: statistics.median(seconds) for name, seconds in samples.items()}
+
+
+def command_line() -> str:
+    """The command that started this bench, as the user would type it."""
+    return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+def environment_line(device: torch.device | str = "cpu") -> str:
+    """Date, torch version, device and CPU threads: what a figure needs next to it."""
+    today = datetime.date.today().isoformat()
+    return f"{today}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
