@@ -89,3 +89,14 @@ def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cach
     result = run_script("main_original.py", *TINY, "--pretrained", "--evaluate", TORCH_HOME=str(tmp_path / "torch"))
     assert f"loaded pretrained weights from {cache / 'resnet50-0676ba61.pth'}" in result.stdout
     assert "its classifier has 1000 classes, the data 10; the classifier starts fresh" in result.stdout
+
+
+def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_path):
+    flags = ["--dummy", "--image-size", "16", "--subset", "16", "-b", "8", "-j", "0", "--epochs", "1",
+             "-p", "1", "--seed", "0", "--amp", "--channels-last", "-a", "resnet18"]
+    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))
+    folder = only_folder(tmp_path, "conv12_*")
+    saved = load_checkpoint(folder / "checkpoint.pth.tar")
+    assert saved["epoch"] == 1
+    assert saved["state_dict"]["fc.weight"].shape == (1000, 512)  # FakeData has ImageNet's 1000 classes
+    assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())
