@@ -75,3 +75,11 @@ def environment_line(device: torch.device | str = "cpu") -> str:
     """Date, torch version, device and CPU threads: what a figure needs next to it."""
     today = datetime.date.today().isoformat()
     return f"{today}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
+
+
+def prepare(args) -> torch.device:
+    """Apply a bench's --threads and --seed; the device it runs on (from --device)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch.device(args.device)

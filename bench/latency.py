@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, synchronize, timed  # noqa: E402
+from _timing import command_line, environment_line, interleaved_medians, prepare, synchronize, timed  # noqa: E402
 from gsparsity.complexity import count_macs_params  # noqa: E402
 from gsparsity.inference import fuse_bn, inference_form  # noqa: E402
 from gsparsity.masks import Mask, compress_model, compute_mask, load_mask  # noqa: E402
@@ -242,10 +242,7 @@ def fastest_layout_is_channels_last(medians: dict[tuple[str, str], float], label
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = prepare(args)
     arch = load_mask(args.mask)[1]["arch"] if args.mask else "resnet50"
     full = torchvision.models.get_model(arch, weights=None).to(device).eval()
     print(f"command: {command_line()}")

@@ -17,7 +17,7 @@ from torchvision.models import resnet50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from _timing import command_line, interleaved_medians  # noqa: E402
+from _timing import command_line, interleaved_medians, prepare  # noqa: E402
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 
@@ -83,10 +83,7 @@ def report(medians: dict[str, float], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = prepare(args)
     optimizers = build_optimizers(device)
     print(report(median_step_ms(optimizers, args.repeats, args.warmup, device), args))
     return 0

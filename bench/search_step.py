@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, timed  # noqa: E402
+from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -125,10 +125,7 @@ def report(medians: dict[str, float], optimizer_medians: dict[str, float], args:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = prepare(args)
     model = torchvision.models.resnet50(weights=None).to(device).train()
     images, target = synthetic_batch(args.batch_size, args.image_size, device)
     proxsgd_model, sgd_model = model, copy.deepcopy(model)

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, timed  # noqa: E402
+from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
 from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters  # noqa: E402
 from search_step import search_optimizer, synthetic_batch, training_step  # noqa: E402
 from gsparsity.masks import compress_model, compute_mask  # noqa: E402
@@ -109,10 +109,7 @@ def report(medians: dict[str, float], compile_seconds: dict[str, float], args: a
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = prepare(args)
     steps = build_steps(args, device)
     compile_seconds = {name.rpartition(" ")[0]: timed(step, device)[1]
                        for name, step in steps.items() if name.endswith(" compiled")}
