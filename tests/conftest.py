@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,3 +48,13 @@ def search_and_retrain(tmp_path_factory, baseline) -> tuple[Path, Path]:
     run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "0.01", "--baseline_model", "tiny",
                "--registry", str(registry), "--path_to_save", str(parent))
     return only_folder(parent, "conv12_*"), only_folder(parent, "retrain_*")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small forward passes: on a shared 2-core CPU extra threads only
+    add overhead and erratic delays (a module opts in with ``usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,13 +8,7 @@ from gsparsity.complexity import count_macs_params, evaluation_mode, format_macs
 from gsparsity.masks import compress_model, compute_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One image: extra threads only add overhead, and erratic delays on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Compression: the small model computes what the sparse full model computes, with fewer weights."""
+import numerics
 import pytest
 import torch
 import torchvision
@@ -14,13 +15,7 @@ from gsparsity.structure import prunable_convs, residual_blocks
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs: extra threads only add overhead, and erratic delays on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Wrapper(nn.Module):
@@ -76,9 +71,8 @@ def plant_zeros(model: nn.Module, mask: dict, scope: str, group: str) -> None:
 
 
 def relative_deviation(full: nn.Module, small: nn.Module, batch: torch.Tensor) -> float:
-    with torch.no_grad():
-        expected, actual = full.eval()(batch), small.eval()(batch)
-    return ((expected - actual).abs().max() / expected.abs().max()).item()
+    """Eval-mode output deviation of ``small`` from ``full``, relative to the full output."""
+    return numerics.relative_deviation(numerics.eval_output(full, batch), numerics.eval_output(small, batch))
 
 
 def images(size: int = 64) -> torch.Tensor:

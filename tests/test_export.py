@@ -2,6 +2,7 @@
 that compute what PyTorch computes, at any batch size; refusals of what is not ours."""
 import pytest
 import torch
+from numerics import eval_output, relative_deviation
 from torch import nn
 
 from gsparsity.checkpoint import atomic_save, load_checkpoint
@@ -33,15 +34,6 @@ def randomised(model: nn.Module) -> nn.Module:
             elif name.endswith("running_var"):
                 buffer.uniform_(0.5, 2.0)
     return model
-
-
-def relative_deviation(reference: torch.Tensor, other: torch.Tensor) -> float:
-    return ((reference - other).abs().max() / reference.abs().max()).item()
-
-
-def eval_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(images)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from numerics import eval_output, relative_deviation
 from torch import nn
 
 from gsparsity.inference import fuse_bn, inference_form
@@ -32,15 +33,6 @@ def random_mask(model: nn.Module, scope: str) -> dict:
         row[0] = True
         mask[prunable.name] = row
     return mask
-
-
-def relative_deviation(reference: torch.Tensor, other: torch.Tensor) -> float:
-    return ((reference - other).abs().max() / reference.abs().max()).item()
-
-
-def eval_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(images)
 
 
 @pytest.fixture(scope="module")
