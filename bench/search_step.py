@@ -17,7 +17,6 @@ import argparse
 import copy
 import statistics
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
+from gsparsity.engine import autocast  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -48,14 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     return args
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision as the training scripts use it: fp16 on CUDA, bf16 on CPU."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def training_step(
