@@ -92,7 +92,9 @@ def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cach
 
 
 def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_path):
-    flags = ["--dummy", "--image-size", "16", "--subset", "16", "-b", "8", "-j", "0", "--epochs", "1",
+    # 32x32, not 16x16: at 16x16 layer4's convs output 1x1 maps, where torch 2.14's bf16 CPU
+    # conv backward now and then returns non-finite weight gradients (seen in 1 run of 8).
+    flags = ["--dummy", "--image-size", "32", "--subset", "16", "-b", "8", "-j", "0", "--epochs", "1",
              "-p", "1", "--seed", "0", "--amp", "--channels-last", "-a", "resnet18"]
     run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))
     folder = only_folder(tmp_path, "conv12_*")
