@@ -82,6 +82,8 @@ class ProxSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # Reused temporaries, one per (device, dtype); not state: nothing to save.
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # The last step's shrink factor of every prunable group, by group index.
+        self._last_shrink: dict[int, Tensor] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, refusing hyper-parameters or prunable params that make no sense."""
@@ -102,14 +104,27 @@ class ProxSGD(torch.optim.Optimizer):
                 loss = closure()
         active_groups = [self._active_params(group) for group in self.param_groups]
         self._update_moments(active_groups)
-        for group, (params, _) in zip(self.param_groups, active_groups):
+        for index, (group, (params, _)) in enumerate(zip(self.param_groups, active_groups)):
             if not params:
                 continue
             if group["weight_decay"] is None:
                 self._momentum_step(group, params)
             else:
-                self._prox_step(group, params)
+                self._last_shrink[index] = self._prox_step(group, params)
         return loss
+
+    def zero_prox_filters(self) -> dict[str, Tensor]:
+        """Per prunable group (by its ``name``, else its index), a bool (F,) tensor: the
+        filters whose proximal point was exactly zero at the last step.
+
+        These are the filters the optimizer is driving to zero: with ``lr=1`` they are
+        zero now; with ``lr < 1`` they are (1 - lr) times smaller, and reach zero if their
+        prox stays zero. Groups that have not stepped yet are left out.
+        """
+        return {
+            str(self.param_groups[index].get("name", index)): shrink == 0
+            for index, shrink in self._last_shrink.items()
+        }
 
     def _active_params(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have a gradient, and those gradients; counts their step."""
@@ -219,8 +234,9 @@ class ProxSGD(torch.optim.Optimizer):
             return row_norms[0]
         return torch.linalg.vector_norm(torch.stack(row_norms), dim=0)
 
-    def _prox_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Momentum step then group-lasso proximal step on the filters of one prunable group."""
+    def _prox_step(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
+        """Momentum step then group-lasso proximal step on the filters of one prunable group;
+        returns the (F,) shrink factors, 0 where the proximal point is zero."""
         lr = group["lr"]
         velocities = [self.state[param]["velocity"] for param in params]
         tau = self._filter_tau(group, params)
@@ -237,6 +253,7 @@ class ProxSGD(torch.optim.Optimizer):
         push = shrink * lr if tau is None else shrink * lr / tau
         for param, velocity in zip(params, velocities):
             param.mul_(_as_column(keep, param)).addcmul_(velocity, _as_column(push, param), value=-1)
+        return shrink
 
 
 def group_model_parameters(

@@ -10,6 +10,7 @@ import argparse
 import math
 from typing import Sequence
 
+from .budget import parse_target
 from .errors import UserError
 from .registry import check_model_name
 
@@ -105,6 +106,14 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         add("--round-to", default=1, type=int, metavar="N",
             help="keep a multiple of N filters in every pruned layer (hardware-friendly widths): "
                  "the highest-norm zero filters are kept too")
+        add("--target-macs", default=None, metavar="G",
+            help="aim at a MACs budget: GMac per 224x224 image (e.g. 2.05) or a share of the full "
+                 "model's (e.g. 50%%); short probes pick mu first (--weight_decay is where they start)")
+        add("--budget-steps", default=20, type=int, metavar="N", help="training steps of each probe")
+        add("--budget-probes", default=8, type=int, metavar="N", help="most probes the budget search runs")
+        add("--budget-tolerance", default=1.0, type=float, metavar="PCT",
+            help="stop probing once a probe is this many percentage points of the full MACs "
+                 "from the target")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
     if kind == "retrain":
@@ -162,6 +171,14 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
             raise UserError("--momentum must be > 0 for ProxSGD (it weighs the new gradient)")
         if args.register is not None:
             check_model_name(args.register)
+        if args.target_macs is not None:
+            parse_target(args.target_macs)
+        if args.budget_steps < 2:
+            raise UserError(f"--budget-steps must be >= 2, got {args.budget_steps}")
+        if args.budget_probes < 1:
+            raise UserError(f"--budget-probes must be >= 1, got {args.budget_probes}")
+        if not (args.budget_tolerance >= 0 and math.isfinite(args.budget_tolerance)):
+            raise UserError(f"--budget-tolerance must be >= 0, got {args.budget_tolerance}")
     if kind == "retrain" and args.baseline_model is None and args.resume is None:
         raise UserError("say which compressed model to retrain: --baseline_model NAME "
                         "(a name in list_of_models.py)")

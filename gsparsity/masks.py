@@ -69,13 +69,19 @@ def plain_model(model: nn.Module) -> nn.Module:
 
 
 def compute_mask(
-    model: nn.Module, threshold: float = 1e-6, scope: str = "conv12", round_to: int = 1
+    model: nn.Module,
+    threshold: float = 1e-6,
+    scope: str = "conv12",
+    round_to: int = 1,
+    also_pruned: dict[str, torch.Tensor] | None = None,
 ) -> Mask:
     """True for every filter whose L2 norm is above ``threshold``, per prunable conv, in forward order.
 
     With ``round_to`` N > 1 every layer keeps a multiple of N filters (all of them when
     it has fewer than N): convolution kernels run faster at such widths. The filters
     added to reach the multiple are the highest-norm ones under the threshold.
+    ``also_pruned`` (conv name -> bool per filter) prunes more filters whatever their
+    norm: the budget search uses it for the filters ProxSGD is driving to zero.
     """
     if not threshold > 0:
         raise UserError(f"the mask threshold must be positive, got {threshold}")
@@ -84,11 +90,16 @@ def compute_mask(
     mask: Mask = {}
     for prunable in prunable_convs(plain_model(model), scope):
         filter_norms = prunable.conv.weight.detach().flatten(1).norm(dim=1).cpu()
-        mask[prunable.name] = _round_kept_count(filter_norms > threshold, filter_norms, round_to)
+        kept = filter_norms > threshold
+        if also_pruned is not None and prunable.name in also_pruned:
+            extra = also_pruned[prunable.name].cpu()
+            kept &= ~extra
+            filter_norms = filter_norms.masked_fill(extra, 0.0)  # rounding treats them as zero
+        mask[prunable.name] = round_kept_count(kept, filter_norms, round_to)
     return mask
 
 
-def _round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
+def round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
     """``mask_row`` plus the highest-norm pruned filters needed for a multiple of ``round_to`` kept."""
     if round_to == 1:
         return mask_row

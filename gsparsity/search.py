@@ -13,13 +13,14 @@ import torch
 
 from proxsgd import ProxSGD, group_model_parameters
 
+from .budget import budget_mask, choose_mu, describe_budget_mask, mask_macs, parse_target, target_macs
 from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
 from .distributed import DistContext, all_reduce_sum
 from .errors import UserError
 from .experiment import open_experiment, timestamp, write_run_info
-from .masks import compress_model, compute_mask, mask_to_record, save_mask
+from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
 from .models import build_model, load_pretrained
 from .registry import DEFAULT_REGISTRY, register_experiment
 from .sparsity import sparsity_report
@@ -30,7 +31,12 @@ CHECK_IMAGES = 8  # images on which the compressed model is compared with the fu
 
 
 def experiment_name(args: argparse.Namespace, scope: str) -> str:
-    return (f"{scope}_lr_{args.lr}_momentum_{args.momentum}_wd_{args.weight_decay}"
+    if args.target_macs is not None:
+        value, is_share = parse_target(args.target_macs)
+        mu_part = f"target_{100 * value:g}pct" if is_share else f"target_{value / 1e9:g}GMac"
+    else:
+        mu_part = f"wd_{args.weight_decay}"
+    return (f"{scope}_lr_{args.lr}_momentum_{args.momentum}_{mu_part}"
             f"_normalization_{args.normalization}_pretrained_{args.pretrained is not None}_{timestamp()}")
 
 
@@ -64,11 +70,15 @@ class EpochEnd:
     def __init__(self, run: Run, scope: str, full_macs: int, full_params: int) -> None:
         self.run, self.scope = run, scope
         self.full_macs, self.full_params = full_macs, full_params
+        self.goal_macs = target_macs(run.args.target_macs, full_macs) if run.args.target_macs else None
         self.check_batch = sample_batch(run.loaders.val.dataset, run.ctx.device) if run.ctx.is_main else None
 
     def __call__(self, epoch: int, val) -> None:
         run, args = self.run, self.run.args
-        mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
+        if self.goal_macs is None:
+            mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
+        else:
+            mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes)
         check_ranks_agree(mask, run.ctx)
         if not run.ctx.is_main:
             return
@@ -90,6 +100,8 @@ class EpochEnd:
         log.info(f"epoch {epoch} compressed model: {format_macs_params(macs, params)} at 224x224 "
                  f"({100 * macs / self.full_macs:.1f}% of the MACs, {100 * params / self.full_params:.1f}% "
                  f"of the parameters)")
+        if self.goal_macs is not None:
+            self.log_budget(epoch, mask, macs)
         run.scalars.add("complexity/compressed_gmacs", macs / 1e9, epoch)
         run.scalars.add("complexity/compressed_mparams", params / 1e6, epoch)
         threshold = args.pruning_threshold
@@ -103,6 +115,16 @@ class EpochEnd:
             "state_dict": small.state_dict(),
             "val_top1_full": val.top1,
         }, run.folder / small_model_file(self.scope, threshold))
+
+    def log_budget(self, epoch: int, mask: Mask, macs: int) -> None:
+        run, args = self.run, self.run.args
+        by_threshold = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
+        exact_macs = mask_macs(args.arch, by_threshold, self.scope, run.loaders.num_classes)
+        log.info(f"epoch {epoch} budget: {macs / 1e9:.3f} GMac ({100 * macs / self.full_macs:.1f}% of the MACs) "
+                 f"for a target of {self.goal_macs / 1e9:.3f} GMac ({100 * self.goal_macs / self.full_macs:.1f}%); "
+                 f"the zero filters alone give {100 * exact_macs / self.full_macs:.1f}%: "
+                 f"{describe_budget_mask(run.plain_model, mask, args, self.scope)}")
+        run.scalars.add("complexity/zero_filters_only_gmacs", exact_macs / 1e9, epoch)
 
 
 def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
@@ -129,6 +151,11 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     if args.pretrained and not args.resume:
         load_pretrained(model, args.pretrained, args.arch)
     model = place_model(model, args, ctx)
+    full_macs, full_params = count_macs_params(model, 224)
+    budget = None
+    if args.target_macs is not None and not (args.resume or args.evaluate):
+        budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, full_macs)
+        args.weight_decay = budget["mu"]  # run_info.json keeps it, so --resume goes on with it
     groups = group_model_parameters(model, args.weight_decay, scope=scope,
                                     layer_adaptive=args.layer_adaptive, group=args.group)
     optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
@@ -138,8 +165,7 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         evaluate_only(run)
         return
     if ctx.is_main and not args.resume:
-        write_run_info(folder, args, f"main_search_{scope}.py", {"scope": scope})
-    full_macs, full_params = count_macs_params(model, 224)
+        write_run_info(folder, args, f"main_search_{scope}.py", {"scope": scope, "budget": budget})
     log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
              f"mu {args.weight_decay}, full model {format_macs_params(full_macs, full_params)}")
     fit(run, EpochEnd(run, scope, full_macs, full_params))

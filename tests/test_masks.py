@@ -101,6 +101,17 @@ def test_compute_mask_keeps_a_filter_only_when_its_norm_is_above_the_threshold(r
     assert not compute_mask(planted, threshold=3e-6)["layer1.0.conv1"][1]
 
 
+def test_compute_mask_also_prunes_the_filters_it_is_told_to_whatever_their_norm(resnet18):
+    extra = torch.zeros(64, dtype=torch.bool)
+    extra[[3, 4]] = True
+    mask = compute_mask(resnet18, also_pruned={"layer1.0.conv1": extra})
+    assert torch.equal(mask["layer1.0.conv1"], ~extra)
+    assert all(bool(row.all()) for name, row in mask.items() if name != "layer1.0.conv1")
+    # Rounding up treats them as zero filters: the highest-norm pruned ones come back first.
+    rounded = compute_mask(resnet18, round_to=4, also_pruned={"layer1.0.conv1": extra})
+    assert bool(rounded["layer1.0.conv1"].all())
+
+
 @pytest.mark.parametrize("threshold", [0.0, -1e-6])
 def test_compute_mask_refuses_a_threshold_that_is_not_positive(resnet18, threshold):
     with pytest.raises(ValueError, match="threshold"):

@@ -219,6 +219,25 @@ def test_lr_below_one_shrinks_a_zeroed_prox_geometrically():
     torch.testing.assert_close(weight.detach(), torch.full((1, 4), 0.75))
 
 
+@pytest.mark.parametrize("lr", [1.0, 0.25])
+def test_zero_prox_filters_names_the_filters_being_driven_to_zero(lr):
+    torch.manual_seed(6)
+    weight = nn.Parameter(torch.randn(FILTERS, 3) * torch.tensor([0.01, 10, 0.01, 10, 10]).view(-1, 1))
+    other = nn.Parameter(torch.randn(2))
+    optimizer = ProxSGD([{"params": [weight], "weight_decay": 0.5, "name": "conv"},
+                         {"params": [other]}], lr=lr)
+    assert optimizer.zero_prox_filters() == {}  # nothing stepped yet
+    before = weight.detach().clone()
+    weight.grad, other.grad = torch.zeros_like(weight), torch.zeros_like(other)
+    optimizer.step()
+    heading = optimizer.zero_prox_filters()
+    assert list(heading) == ["conv"]  # prunable groups only, by name
+    assert heading["conv"].tolist() == [True, False, True, False, False]
+    # Those filters moved a fraction lr of the way to zero: zero now when lr is 1.
+    torch.testing.assert_close(weight.detach()[heading["conv"]], (1 - lr) * before[heading["conv"]])
+    assert bool((weight.detach()[~heading["conv"]].norm(dim=1) > 0).all())
+
+
 @pytest.mark.parametrize("adaptive_lr", [False, True])
 def test_step_never_reads_tensor_values_back_to_python(adaptive_lr):
     # Meta tensors have no values: .item(), bool() or NumPy on them raise, as would a

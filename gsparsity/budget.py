@@ -1,0 +1,298 @@
+"""--target-macs: a search that lands its compressed model on a MACs budget.
+
+Two stages, both logged:
+
+1. **Choosing mu.** Before the search, short *probes* train copies of the starting
+   model for ``--budget-steps`` steps each, with the search's own optimizer settings
+   and a candidate mu, on the same batches. A probe predicts the compressed model
+   from the filters ProxSGD is driving to zero (their proximal point was zero in at
+   least half of the probe's second-half steps) that will be under the pruning
+   threshold by the end of the search: such a filter keeps a factor (1 - lr) of its
+   norm per step. The predicted MACs fall as mu grows, so a bisection on log(mu) finds
+   the mu whose prediction is nearest the target.
+2. **Meeting the budget.** A short probe cannot foresee the whole search (on the demo
+   digits, mu chosen for 50% ended at 19% with lr 0.1 and at 66% with lr 0.05). So at
+   every epoch end the mask is fitted to the budget (:func:`budget_mask`): it keeps the
+   strongest filters that fit, zero or not. The log says how far the zero filters alone
+   are from the target, and how many filters that took; pruning nonzero filters
+   changes the model's output, which the search's check on a few images reports.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from proxsgd import ProxSGD, group_model_parameters
+
+from .complexity import count_macs_params
+from .data import start_epoch
+from .distributed import DistContext, broadcast_object
+from .engine import autocast, backward_and_step, to_device
+from .errors import UserError
+from .masks import Mask, compute_mask, round_kept_count
+from .pruned_resnet import build_pruned_resnet
+from .structure import prunable_convs
+
+log = logging.getLogger("gsparsity")
+MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
+FALLBACK_START_MU = 0.05  # where the bisection starts when --weight_decay is 0
+
+
+@dataclass
+class Probe:
+    mu: float
+    macs: int  # of the predicted compressed model, per 224x224 image
+    share: float  # macs / the full model's
+
+
+def parse_target(text: str) -> tuple[float, bool]:
+    """``"50%"`` -> (0.5, True): a share of the full model; ``"2.05"`` -> (2.05e9, False): GMac."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|G|GMac)?\s*", text)
+    if not match:
+        raise UserError(f"--target-macs takes GMac (e.g. 2.05) or a share of the full model's MACs "
+                        f"(e.g. 50%), got {text!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if not 0 < value < 100:
+            raise UserError(f"--target-macs as a share must be between 0% and 100%, got {text!r}")
+        return value / 100, True
+    if not value > 0:
+        raise UserError(f"--target-macs must be > 0 GMac, got {text!r}")
+    return value * 1e9, False
+
+
+def target_macs(text: str, full_macs: int) -> int:
+    value, is_share = parse_target(text)
+    return round(value * full_macs) if is_share else round(value)
+
+
+def mask_macs(arch: str, mask: Mask, scope: str, num_classes: int) -> int:
+    """MACs per 224x224 image of the compressed model that ``mask`` gives (no weights needed)."""
+    macs, _ = count_macs_params(build_pruned_resnet(arch, mask, scope, num_classes), 224)
+    return macs
+
+
+def smallest_macs(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int) -> int:
+    """MACs of the model with every prunable filter pruned: no mu can go below this."""
+    everything = {name: torch.ones_like(kept) for name, kept in compute_mask(model, 1.0, scope).items()}
+    mask = compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=everything)
+    return mask_macs(args.arch, mask, scope, num_classes)
+
+
+def bisect_mu(probe: Callable[[float], Probe], target_share: float, start_mu: float,
+              max_probes: int, tolerance: float) -> tuple[Probe, list[Probe]]:
+    """The probe nearest ``target_share``, and every probe, in order.
+
+    Moves mu by x4 until the target is bracketed (a probe above it, one below), then
+    halves the bracket in log(mu). Stops after ``max_probes`` probes or as soon as a
+    probe is within ``tolerance`` (a share of the full model's MACs) of the target.
+    """
+    probes: list[Probe] = []
+    too_big: Probe | None = None  # the largest mu whose model still has too many MACs
+    small_enough: Probe | None = None  # the smallest mu whose model is within budget
+    mu = start_mu
+    while True:
+        result = probe(mu)
+        probes.append(result)
+        if abs(result.share - target_share) <= tolerance or len(probes) >= max_probes:
+            break
+        if result.share > target_share:
+            too_big = result
+        else:
+            small_enough = result
+        if small_enough is None:
+            mu = too_big.mu * MU_FACTOR
+        elif too_big is None:
+            mu = small_enough.mu / MU_FACTOR
+        else:
+            mu = math.sqrt(too_big.mu * small_enough.mu)
+    best = min(probes, key=lambda candidate: abs(candidate.share - target_share))
+    return best, probes
+
+
+def filter_norms(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
+    return {prunable.name: prunable.conv.weight.detach().flatten(1).norm(dim=1).float().cpu()
+            for prunable in prunable_convs(model, scope)}
+
+
+def projected_mask(model: nn.Module, heading_to_zero: dict[str, torch.Tensor], remaining_lrs: list[float],
+                   args: argparse.Namespace, scope: str) -> Mask:
+    """The mask the search would end with if the filters now heading to zero kept heading there.
+
+    Such a filter keeps a factor (1 - lr) of its norm at every step, so it counts as pruned
+    when its norm times the product over the remaining steps is under the threshold.
+    """
+    log_decay = sum(math.log1p(-lr) if lr < 1 else -math.inf for lr in remaining_lrs)
+    pruned = {}
+    for name, norms in filter_norms(model, scope).items():
+        heading = heading_to_zero.get(name, torch.zeros_like(norms, dtype=torch.bool)).cpu()
+        pruned[name] = heading & (norms * math.exp(log_decay) <= args.pruning_threshold)
+    return compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=pruned)
+
+
+class MuProbe:
+    """Trains ``model`` from its starting weights for a few steps at a given mu, predicts
+    the compressed model's MACs (module docstring), and puts the starting weights back."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str,
+                 batches: list, num_classes: int, full_macs: int, search_lrs: list[float]) -> None:
+        self.model, self.args, self.ctx, self.scope = model, args, ctx, scope
+        self.batches, self.num_classes, self.full_macs = batches, num_classes, full_macs
+        self.start_state = {key: value.clone() for key, value in model.state_dict().items()}
+        # The probe's steps stand in for the search's first ones.
+        self.remaining_lrs = search_lrs[len(batches):]
+
+    def __call__(self, mu: float) -> Probe:
+        from .training import make_scaler  # imported here: training imports the engine too
+
+        args = self.args
+        groups = group_model_parameters(self.model, mu, scope=self.scope,
+                                        layer_adaptive=args.layer_adaptive, group=args.group)
+        optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
+                            normalization=args.normalization)
+        scaler = make_scaler(args, self.ctx)
+        criterion = nn.CrossEntropyLoss()
+        counted_from = len(self.batches) // 2
+        zero_counts: dict[str, torch.Tensor] = {}
+        self.model.train()
+        try:
+            for step, (images, target) in enumerate(self.batches):
+                images, target = to_device(images, target, self.ctx.device, args.channels_last)
+                with autocast(self.ctx.device, args.amp):
+                    loss = criterion(self.model(images), target)
+                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(loss, optimizer, scaler)
+                if step >= counted_from:
+                    for name, zero in optimizer.zero_prox_filters().items():
+                        zero_counts[name] = zero_counts.get(name, 0) + zero.to(torch.int32)
+            counted = len(self.batches) - counted_from
+            heading_to_zero = {name: 2 * count >= counted for name, count in zero_counts.items()}
+            mask = projected_mask(self.model, heading_to_zero, self.remaining_lrs, args, self.scope)
+        finally:
+            self.model.load_state_dict(self.start_state)
+        macs = mask_macs(args.arch, mask, self.scope, self.num_classes)
+        result = Probe(mu=mu, macs=macs, share=macs / self.full_macs)
+        if self.ctx.is_main:
+            log.info(f"budget probe: mu {mu:.4g} -> {macs / 1e9:.3f} GMac predicted "
+                     f"({100 * result.share:.1f}% of the MACs)")
+        return result
+
+
+def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scope: str,
+                num_classes: int) -> Mask:
+    """The mask that keeps the strongest filters, as many as fit in ``goal_macs``.
+
+    Filters are ranked nonzero first (norm above the pruning threshold), then by
+    root-mean-square weight (so that layers with large filters are not favoured), and kept from the top; the count is the largest whose compressed model has
+    at most ``goal_macs`` MACs (MACs only grow with it, so a bisection finds it). When
+    the search zeroed more than the budget asks, some zero filters are kept (exact); when
+    fewer, the weakest nonzero filters go too, and the compressed model's output changes
+    (the search logs by how much, and retraining recovers it).
+    """
+    rows = [(prunable.name, prunable.conv.weight.detach().flatten(1).float().cpu())
+            for prunable in prunable_convs(model, scope)]
+    norms = torch.cat([weight.norm(dim=1) for _, weight in rows])
+    root_mean_squares = torch.cat([weight.norm(dim=1) / math.sqrt(weight.shape[1]) for _, weight in rows])
+    by_strength = torch.sort(root_mean_squares, descending=True, stable=True).indices
+    nonzero_first = torch.sort((norms > args.pruning_threshold)[by_strength].to(torch.int8),
+                               descending=True, stable=True).indices
+    order = by_strength[nonzero_first]
+    sizes = [weight.shape[0] for _, weight in rows]
+
+    def keeping(count: int) -> Mask:
+        kept = torch.zeros(len(norms), dtype=torch.bool)
+        kept[order[:count]] = True
+        return {name: round_kept_count(row, weight.norm(dim=1), args.round_to)
+                for (name, weight), row in zip(rows, kept.split(sizes))}
+
+    fitting, too_many = 0, len(norms) + 1  # keeping(fitting) fits (checked: goal >= the floor)
+    while too_many - fitting > 1:
+        middle = (fitting + too_many) // 2
+        if mask_macs(args.arch, keeping(middle), scope, num_classes) <= goal_macs:
+            fitting = middle
+        else:
+            too_many = middle
+    return keeping(fitting)
+
+
+def describe_budget_mask(model: nn.Module, mask: Mask, args: argparse.Namespace, scope: str) -> str:
+    """How the budget mask differs from the threshold's: filters pruned above it, zero ones kept."""
+    threshold_mask = compute_mask(model, args.pruning_threshold, scope)
+    pruned_nonzero = sum(int((threshold_mask[name] & ~kept).sum()) for name, kept in mask.items())
+    kept_zero = sum(int((~threshold_mask[name] & kept).sum()) for name, kept in mask.items())
+    return (f"{pruned_nonzero} filter(s) above the threshold pruned to meet it, "
+            f"{kept_zero} zero filter(s) kept to fill it")
+
+
+def search_step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
+    """The lr of every step of the search, from its scheduler (which steps once per epoch)."""
+    from .training import make_scheduler  # imported here: training imports the engine too
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler = make_scheduler(dummy, args)
+    lrs = []
+    for _ in range(args.epochs):
+        lrs += [dummy.param_groups[0]["lr"]] * steps_per_epoch
+        dummy.step()
+        scheduler.step()
+    return lrs
+
+
+def first_batches(loader, count: int, seed: int | None) -> list:
+    """The first ``count`` batches of epoch 0, starting over if the loader has fewer;
+    kept so that every probe trains on the same ones."""
+    start_epoch(loader, 0, seed)
+    # A loader of its own, without persistent workers: they stop as soon as the batches
+    # are in, rather than idling half-way through an epoch until the search's first one.
+    once = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, generator=loader.generator,
+                      worker_init_fn=loader.worker_init_fn)
+    batches: list = []
+    while len(batches) < count:
+        before = len(batches)
+        iterator = iter(once)
+        batches.extend(islice(iterator, count - len(batches)))
+        del iterator  # shuts its workers down
+        if len(batches) == before:
+            raise UserError("the budget search found no training images")
+    return batches
+
+
+def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader,
+              num_classes: int, full_macs: int) -> dict:
+    """Run the budget search; returns its record for run_info.json (``"mu"``: the choice).
+
+    Every process probes on its own batches; rank 0's choice is broadcast to all."""
+    goal = target_macs(args.target_macs, full_macs)
+    floor = smallest_macs(model, args, scope, num_classes)
+    if goal >= full_macs:
+        raise UserError(f"--target-macs {args.target_macs} is not below the full model's "
+                        f"{full_macs / 1e9:.2f} GMac: nothing to prune")
+    if goal < floor:
+        raise UserError(f"--target-macs {args.target_macs} is below {floor / 1e9:.2f} GMac, the MACs left "
+                        f"when every {scope} filter is pruned ({100 * floor / full_macs:.1f}% of the full "
+                        f"model); prune more convs (main_search_all_conv.py) or aim higher")
+    target_share = goal / full_macs
+    if ctx.is_main:
+        log.info(f"budget search: target {goal / 1e9:.3f} GMac ({100 * target_share:.1f}% of the MACs), "
+                 f"up to {args.budget_probes} probes of {args.budget_steps} steps")
+    batches = first_batches(loader, args.budget_steps, args.seed)
+    probe = MuProbe(model, args, ctx, scope, batches, num_classes, full_macs,
+                    search_step_lrs(args, len(loader)))
+    start_mu = args.weight_decay if args.weight_decay > 0 else FALLBACK_START_MU
+    best, probes = bisect_mu(probe, target_share, start_mu, args.budget_probes, args.budget_tolerance / 100)
+    best = Probe(**broadcast_object(asdict(best)))
+    if ctx.is_main:
+        log.info(f"budget search: mu {best.mu:.4g}, predicted {best.macs / 1e9:.3f} GMac "
+                 f"({100 * best.share:.1f}% of the MACs) for a target of {100 * target_share:.1f}%")
+    return {"target_macs": goal, "target_share": target_share, "mu": best.mu,
+            "probes": [asdict(candidate) for candidate in probes]}

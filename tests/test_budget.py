@@ -1,0 +1,225 @@
+"""--target-macs: the budget search picks mu by bisection over short probes that
+predict which filters ProxSGD is driving to zero."""
+import copy
+import json
+import math
+import re
+
+import pytest
+import torch
+import torchvision
+
+from gsparsity.budget import (MuProbe, bisect_mu, budget_mask, mask_macs, parse_target, smallest_macs,
+                              target_macs)
+from gsparsity.cli import build_parser
+from gsparsity.distributed import DistContext
+from gsparsity.errors import UserError
+from gsparsity.masks import compute_mask, load_mask
+from proxsgd import ProxSGD, group_model_parameters
+from scripts import TINY, only_folder, run_script
+
+CPU_ONLY = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_target_is_gmac_or_a_share_of_the_full_model():
+    assert parse_target("50%") == (0.5, True)
+    assert parse_target("2.05") == (pytest.approx(2.05e9), False)
+    assert parse_target("2.05G") == (pytest.approx(2.05e9), False)
+    assert target_macs("25%", 4_000_000_000) == 1_000_000_000
+    assert target_macs("1.5", 4_000_000_000) == 1_500_000_000
+
+
+@pytest.mark.parametrize("text", ["", "half", "0", "0%", "100%", "150%", "-1", "2 MMac", "nan"])
+def test_nonsense_targets_are_refused(text):
+    with pytest.raises(UserError, match="--target-macs"):
+        parse_target(text)
+
+
+def exponential_share(mu: float):
+    """A stand-in probe: the share of MACs kept falls smoothly as mu grows."""
+    from gsparsity.budget import Probe
+
+    share = math.exp(-mu)
+    return Probe(mu=mu, macs=round(1e9 * share), share=share)
+
+
+def test_bisection_brackets_the_target_then_lands_within_the_tolerance():
+    best, probes = bisect_mu(exponential_share, 0.3, start_mu=0.01, max_probes=20, tolerance=0.005)
+    assert abs(best.share - 0.3) <= 0.005
+    assert probes[-1] is best
+    # Bracketing: mu grows x4 from the start while the model stays above the target.
+    assert [probe.mu for probe in probes[:5]] == pytest.approx([0.01, 0.04, 0.16, 0.64, 2.56])
+    # Then every probe lies between the nearest probes on either side of the target.
+    for index in range(5, len(probes)):
+        above = max(p.mu for p in probes[:index] if p.share > 0.3)
+        below = min(p.mu for p in probes[:index] if p.share <= 0.3)
+        assert above < probes[index].mu < below
+
+
+def test_bisection_searches_downwards_when_the_start_prunes_too_much():
+    best, probes = bisect_mu(exponential_share, 0.9, start_mu=5.0, max_probes=20, tolerance=0.005)
+    assert probes[1].mu == pytest.approx(5.0 / 4)
+    assert abs(best.share - 0.9) <= 0.005
+
+
+def test_bisection_stops_after_max_probes_with_the_nearest():
+    best, probes = bisect_mu(exponential_share, 0.3, start_mu=0.01, max_probes=3, tolerance=0.0)
+    assert len(probes) == 3
+    assert best == min(probes, key=lambda probe: abs(probe.share - 0.3))
+
+
+def search_args(*flags: str):
+    return build_parser("search").parse_args(["--dummy", "-a", "resnet18", *flags])
+
+
+def tiny_batches(count: int):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+            for _ in range(count)]
+
+
+def run_proxsgd(model, args, mu: float, batches) -> None:
+    groups = group_model_parameters(model, mu, layer_adaptive=args.layer_adaptive, group=args.group)
+    optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
+                        normalization=args.normalization)
+    model.train()
+    for images, target in batches:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), target).backward()
+        optimizer.step()
+
+
+@pytest.fixture
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(resnet18, one_thread):
+    # lr 1 moves each filter to its proximal point, so "heading to zero" is "zero now".
+    args = search_args("--lr", "1", "--no-adaptive_lr", "--normalization", "none", "--budget-steps", "2")
+    batches = tiny_batches(2)
+    full_macs = mask_macs("resnet18", compute_mask(resnet18, 1e-6), "conv12", 10)
+    copy_of_start = copy.deepcopy(resnet18)
+    probe = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, search_lrs=[1.0] * 10)
+    mu = 1.5
+    predicted = probe(mu)
+
+    run_proxsgd(copy_of_start, args, mu, batches)
+    mask = compute_mask(copy_of_start, args.pruning_threshold)
+    assert 0 < sum(int((~kept).sum()) for kept in mask.values())  # the test prunes for real
+    assert predicted.macs == mask_macs("resnet18", mask, "conv12", 10) < full_macs
+    assert predicted.share == predicted.macs / full_macs
+
+
+def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet18, one_thread):
+    args = search_args("--lr", "0.05", "--no-adaptive_lr", "--normalization", "none")
+    batches = tiny_batches(4)
+    full_macs = mask_macs("resnet18", compute_mask(resnet18, 1e-6), "conv12", 10)
+    start = copy.deepcopy(resnet18.state_dict())
+    long_search = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, [0.05] * 1000)
+    predicted = long_search(1.5)
+    assert predicted.share < 0.9
+    # With only 2 steps left, a filter with a zero prox keeps 0.95**2 of its norm: not pruned.
+    short_search = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, [0.05] * 6)
+    assert short_search(1.5).share == 1.0
+    # The probe left the model as it found it ...
+    for key, value in resnet18.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    # ... and the same steps, taken for real, have not zeroed a single filter yet.
+    run_proxsgd(resnet18, args, 1.5, batches)
+    assert all(bool(kept.all()) for kept in compute_mask(resnet18, args.pruning_threshold).values())
+
+
+def test_no_mu_goes_below_the_model_with_every_prunable_filter_pruned(resnet18):
+    args = search_args()
+    floor = smallest_macs(resnet18, args, "conv12", 10)
+    everything_pruned = {name: torch.zeros_like(kept) for name, kept in compute_mask(resnet18).items()}
+    assert floor == mask_macs("resnet18", everything_pruned, "conv12", 10)
+    assert floor < mask_macs("resnet18", compute_mask(resnet18), "conv12", 10)
+
+
+def planted(model, zero_filters: dict):
+    with torch.no_grad():
+        for name, filters in zero_filters.items():
+            model.get_submodule(name).weight[filters] = 0
+    return model
+
+
+def test_a_budget_the_zero_filters_meet_exactly_gives_the_threshold_mask(resnet18):
+    model = planted(resnet18, {"layer1.0.conv1": [0, 1, 2], "layer3.1.conv1": list(range(100))})
+    by_threshold = compute_mask(model)
+    goal = mask_macs("resnet18", by_threshold, "conv12", 10)
+    mask = budget_mask(model, goal, search_args(), "conv12", 10)
+    assert all(torch.equal(mask[name], row) for name, row in by_threshold.items())
+
+
+def root_mean_squares(model, mask):
+    kept, pruned = [], []
+    for name, row in mask.items():
+        weight = model.get_submodule(name).weight.detach().flatten(1)
+        rms = weight.norm(dim=1) / weight.shape[1] ** 0.5
+        kept += rms[row].tolist()
+        pruned += rms[~row].tolist()
+    return kept, pruned
+
+
+def test_a_tighter_budget_also_prunes_the_weakest_nonzero_filters(resnet18):
+    model = planted(resnet18, {"layer3.1.conv1": list(range(100))})
+    goal = round(0.6 * mask_macs("resnet18", compute_mask(model), "conv12", 10))
+    mask = budget_mask(model, goal, search_args(), "conv12", 10)
+    assert mask_macs("resnet18", mask, "conv12", 10) <= goal
+    assert not mask["layer3.1.conv1"][:100].any()  # the zero filters go first
+    kept, pruned = root_mean_squares(model, mask)
+    nonzero_pruned = [value for value in pruned if value > 0]
+    assert nonzero_pruned and max(nonzero_pruned) <= min(kept)
+    # As many filters as fit: keeping the strongest pruned one as well would break the budget.
+    strongest_pruned = max(
+        ((name, index) for name, row in mask.items() for index in torch.nonzero(~row).flatten().tolist()),
+        key=lambda item: model.get_submodule(item[0]).weight[item[1]].norm()
+        / model.get_submodule(item[0]).weight[item[1]].numel() ** 0.5)
+    grown = {name: row.clone() for name, row in mask.items()}
+    grown[strongest_pruned[0]][strongest_pruned[1]] = True
+    assert mask_macs("resnet18", grown, "conv12", 10) > goal
+
+
+def test_a_looser_budget_keeps_some_zero_filters_and_every_nonzero_one(resnet18):
+    model = planted(resnet18, {"layer2.0.conv1": list(range(128)), "layer3.1.conv1": list(range(256))})
+    by_threshold = compute_mask(model)
+    goal = 1.05 * mask_macs("resnet18", by_threshold, "conv12", 10)
+    mask = budget_mask(model, round(goal), search_args(), "conv12", 10)
+    assert all(bool(mask[name][row].all()) for name, row in by_threshold.items())  # nonzero all kept
+    assert sum(int(row.sum()) for row in mask.values()) > sum(int(row.sum()) for row in by_threshold.values())
+    assert mask_macs("resnet18", mask, "conv12", 10) <= goal
+
+
+def test_a_search_with_a_target_lands_its_compressed_model_on_the_budget(tmp_path):
+    run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr",
+               "--normalization", "none", "--target-macs", "60%", "--budget-steps", "4",
+               "--budget-probes", "4", "--path_to_save", str(tmp_path))
+    folder = only_folder(tmp_path, "conv12_lr_0.5_momentum_0.9_target_60pct_*")
+    log = (folder / "_log.txt").read_text()
+    info = json.loads((folder / "run_info.json").read_text())
+    budget = info["budget"]
+    assert 1 <= len(budget["probes"]) <= 4 and len(re.findall("budget probe: mu", log)) == len(budget["probes"])
+    assert budget["mu"] in [probe["mu"] for probe in budget["probes"]]
+    assert info["args"]["weight_decay"] == budget["mu"]  # the search ran with the chosen mu
+    full_macs = mask_macs("resnet18", compute_mask(torchvision.models.resnet18(num_classes=10)), "conv12", 10)
+    assert budget["target_macs"] == round(0.6 * full_macs)
+    small, _ = load_mask(folder / "mask_conv12_1e-06.json", "resnet18", "conv12")
+    achieved = mask_macs("resnet18", small, "conv12", 10)
+    assert 0.55 * full_macs < achieved <= budget["target_macs"]
+    assert re.search(r"epoch 0 budget: [\d.]+ GMac \(\d+\.\d% of the MACs\) for a target of [\d.]+ GMac "
+                     r"\(60\.0%\); the zero filters alone give \d+\.\d%", log)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("1%", "below .* GMac, the MACs left when every conv12 filter is pruned"),
+    ("99", "is not below the full model's 1.81 GMac: nothing to prune"),
+    ("half", "--target-macs takes GMac"),
+])
+def test_a_target_out_of_reach_is_refused_in_one_line(target, message, tmp_path):
+    result = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--target-macs", target,
+                        "--path_to_save", str(tmp_path), expect=2)
+    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
