@@ -223,3 +223,15 @@ def test_a_target_out_of_reach_is_refused_in_one_line(target, message, tmp_path)
                         "--path_to_save", str(tmp_path), expect=2)
     assert re.search(message, result.stderr) and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_resumed_budget_search_goes_on_with_the_chosen_mu_without_probing_again(tmp_path):
+    flags = [*TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr", "--normalization", "none",
+             "--target-macs", "60%", "--budget-steps", "2", "--budget-probes", "2"]
+    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))
+    folder = only_folder(tmp_path, "conv12_*")
+    chosen = json.loads((folder / "run_info.json").read_text())["budget"]["mu"]
+    resumed = run_script("main_search_conv12.py", "--resume", str(folder), "--epochs", "2")
+    assert "budget probe" not in resumed.stdout
+    assert f"mu {chosen}," in resumed.stdout  # the "search with ProxSGD ..." line
+    assert "epoch 1 budget: " in resumed.stdout

@@ -27,3 +27,16 @@ def test_two_processes_report_the_same_validation_top1_as_one(baseline):
     single = run_script("main_original.py", *flags)
     double = run_script("main_original.py", *flags, launcher=TORCHRUN, OMP_NUM_THREADS="1")
     assert top1(single.stdout) == top1(double.stdout)
+
+
+def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
+    # Each process probes on its own batches; were their mu to differ, their weights would
+    # diverge under DDP and the mask check at the epoch end would stop the run.
+    double = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr",
+                        "--normalization", "none", "--target-macs", "70%", "--budget-steps", "2",
+                        "--budget-probes", "3", "--path_to_save", str(tmp_path),
+                        launcher=TORCHRUN, OMP_NUM_THREADS="1")
+    log = (only_folder(tmp_path, "conv12_*") / "_log.txt").read_text()
+    assert "budget search: mu" in log and "mask agreed by all 2 processes" in log
+    assert re.search(r"epoch 0 budget: [\d.]+ GMac \((\d+\.\d)% of the MACs\) for a target", log)
+    assert "Traceback" not in double.stderr
