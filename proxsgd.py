@@ -26,6 +26,8 @@ For each parameter x with gradient g, at step t (counted from 1):
                    x <- x + lr * (x_prox - x)
 
 where s is the number of elements of one filter (summed over the group's params).
+A group with ``unit=k`` (ResNeXt's grouped convs) prunes k consecutive filters as one:
+"filter f" above is then filters f*k .. f*k+k-1 of every param.
 
 The step never synchronises with the device: no ``.item()``, no Python branching on
 tensor values. The moment updates run as multi-tensor ``torch._foreach_*`` ops over all
@@ -42,7 +44,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from gsparsity.structure import check_scope, prunable_convs, unwrap
+from gsparsity.structure import check_scope, pruning_groups, unwrap
 
 NORMALIZATIONS = (None, "none", "mul", "div")
 GROUPINGS = ("filter", "channel")
@@ -114,17 +116,21 @@ class ProxSGD(torch.optim.Optimizer):
         return loss
 
     def zero_prox_filters(self) -> dict[str, Tensor]:
-        """Per prunable group (by its ``name``, else its index), a bool (F,) tensor: the
-        filters whose proximal point was exactly zero at the last step.
+        """Per prunable group, a bool (F,) tensor: the filters whose proximal point was
+        exactly zero at the last step. Keyed by each of the group's ``members`` (the layers
+        whose filters it prunes together) if it has them, else by its ``name`` or index.
 
         These are the filters the optimizer is driving to zero: with ``lr=1`` they are
         zero now; with ``lr < 1`` they are (1 - lr) times smaller, and reach zero if their
         prox stays zero. Groups that have not stepped yet are left out.
         """
-        return {
-            str(self.param_groups[index].get("name", index)): shrink == 0
-            for index, shrink in self._last_shrink.items()
-        }
+        heading: dict[str, Tensor] = {}
+        for index, shrink in self._last_shrink.items():
+            group = self.param_groups[index]
+            zero = (shrink == 0).repeat_interleave(group.get("unit", 1))
+            for member in group.get("members") or [group.get("name", index)]:
+                heading[str(member)] = zero
+        return heading
 
     def _active_params(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have a gradient, and those gradients; counts their step."""
@@ -184,14 +190,15 @@ class ProxSGD(torch.optim.Optimizer):
         """tau_f of the filters shared by ``params``, shape (F,); None means tau = 1."""
         if not group["adaptive_lr"]:
             return None
-        filter_size = _filter_size(params)
+        unit = group.get("unit", 1)
+        filter_size = _filter_size(params, unit)
         root_mean = None
         for param in params:
             state = self.state[param]
             root = torch.sqrt(state["second_moment"], out=self._scratch_like(param))
             # Bias correction goes on the (F,) sums, not on the whole r tensor.
             scale = _bias_correction(group["beta"], state["step"]) / filter_size
-            row_mean = _rows(root).sum(dim=1).mul_(scale)
+            row_mean = _rows(root, unit).sum(dim=1).mul_(scale)
             root_mean = row_mean if root_mean is None else root_mean.add_(row_mean)
         return root_mean.add_(group["delta"])
 
@@ -220,16 +227,17 @@ class ProxSGD(torch.optim.Optimizer):
         torch._foreach_add_(taus, group["delta"])
         torch._foreach_addcdiv_(params, [state["velocity"] for state in states], taus, value=-group["lr"])
 
-    def _trial_norm(self, params: list[Tensor], velocities: list[Tensor], tau: Tensor | None) -> Tensor:
-        """||x~_f|| with x~ = x - v / tau, over the whole filter f of a group, shape (F,)."""
+    def _trial_norm(self, params: list[Tensor], velocities: list[Tensor], tau: Tensor | None,
+                    unit: int) -> Tensor:
+        """||x~_f|| with x~ = x - v / tau, over the whole filter (or unit) f of a group, shape (F / unit,)."""
         row_norms = []  # each param's part of the filters
         for param, velocity in zip(params, velocities):
             trial = self._scratch_like(param)  # x~, kept only long enough for its norm
             if tau is None:
                 torch.sub(param, velocity, out=trial)
             else:
-                torch.addcdiv(param, velocity, _as_column(tau, param), value=-1, out=trial)
-            row_norms.append(torch.linalg.vector_norm(_rows(trial), dim=1))
+                torch.addcdiv(param, velocity, _as_column(tau, param, unit), value=-1, out=trial)
+            row_norms.append(torch.linalg.vector_norm(_rows(trial, unit), dim=1))
         if len(row_norms) == 1:
             return row_norms[0]
         return torch.linalg.vector_norm(torch.stack(row_norms), dim=0)
@@ -239,20 +247,21 @@ class ProxSGD(torch.optim.Optimizer):
         returns the (F,) shrink factors, 0 where the proximal point is zero."""
         lr = group["lr"]
         velocities = [self.state[param]["velocity"] for param in params]
+        unit = group.get("unit", 1)
         tau = self._filter_tau(group, params)
-        trial_norm = self._trial_norm(params, velocities, tau)
+        trial_norm = self._trial_norm(params, velocities, tau, unit)
         # mu_f / ||x~_f|| = mu * factor / (tau_f * ||x~_f||)
         divisor = trial_norm if tau is None else trial_norm.mul_(tau)
         # An all-zero filter and mu = 0 would give 0 / 0 = NaN: keep the divisor positive.
         divisor.clamp_min_(torch.finfo(divisor.dtype).tiny)
-        factor = _normalization_factor(group["normalization"], _filter_size(params))
+        factor = _normalization_factor(group["normalization"], _filter_size(params, unit))
         # shrink = max(0, 1 - mu_f / ||x~_f||)
         shrink = divisor.reciprocal_().mul_(-group["weight_decay"] * factor).add_(1.0).clamp_min_(0.0)
         # x + lr * (shrink * (x - v / tau) - x) == keep * x - push * v: no need to keep x~.
         keep = shrink * lr + (1.0 - lr)
         push = shrink * lr if tau is None else shrink * lr / tau
         for param, velocity in zip(params, velocities):
-            param.mul_(_as_column(keep, param)).addcmul_(velocity, _as_column(push, param), value=-1)
+            param.mul_(_as_column(keep, param, unit)).addcmul_(velocity, _as_column(push, param, unit), value=-1)
         return shrink
 
 
@@ -277,13 +286,20 @@ def group_model_parameters(
         raise ValueError(f"mu must be a number >= 0, got {mu!r}")
     param_groups = []
     grouped_ids: set[int] = set()
-    for prunable in prunable_convs(unwrap(model), scope):
-        params = [prunable.conv.weight]
-        if group == "channel":
-            bn_params = (prunable.bn.weight, prunable.bn.bias)  # None when the BN is not affine
-            params += [bn_param for bn_param in bn_params if bn_param is not None]
+    # A tied pair (ResNeXt) is one group whose unit is a conv group's width.
+    for members in pruning_groups(unwrap(model), scope):
+        prunable = members[0]
+        params = []
+        for member in members:
+            params.append(member.conv.weight)
+            if group == "channel":
+                bn_params = (member.bn.weight, member.bn.bias)  # None when the BN is not affine
+                params += [bn_param for bn_param in bn_params if bn_param is not None]
         gain = STAGE_GAIN.get(prunable.stage, 1.0) if layer_adaptive else 1.0
-        param_groups.append({"params": params, "weight_decay": mu * gain, "name": prunable.name})
+        param_group = {"params": params, "weight_decay": mu * gain, "name": prunable.name}
+        if prunable.tied_with is not None:
+            param_group.update(unit=prunable.unit, members=[member.name for member in members])
+        param_groups.append(param_group)
         grouped_ids.update(id(param) for param in params)
     # The wrapper shares its parameters with the plain model: the same objects either way.
     rest = [param for param in model.parameters() if id(param) not in grouped_ids]
@@ -314,26 +330,32 @@ def _check_prunable_params(group: dict[str, Any]) -> None:
     if group["weight_decay"] is None:
         return
     shapes = [tuple(param.shape) for param in group["params"]]
+    name = group.get("name", "a prunable group")
     if any(len(shape) == 0 for shape in shapes) or len({shape[0] for shape in shapes}) > 1:
-        name = group.get("name", "a prunable group")
         raise ValueError(f"params of {name} must share their first dimension (filters), got shapes {shapes}")
+    unit = group.get("unit", 1)
+    if not (isinstance(unit, int) and unit >= 1 and shapes[0][0] % unit == 0):
+        raise ValueError(f"unit of {name} must be a whole number of filters dividing {shapes[0][0]}, got {unit!r}")
 
 
-def _rows(tensor: Tensor) -> Tensor:
-    """``tensor`` as (F, -1): one row per filter (a 0-dim tensor is one filter)."""
-    return tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+def _rows(tensor: Tensor, unit: int = 1) -> Tensor:
+    """``tensor`` as (F / unit, -1): one row per filter, or per ``unit`` consecutive filters
+    (a 0-dim tensor is one filter)."""
+    return tensor.reshape(tensor.shape[0] // unit if tensor.dim() else 1, -1)
 
 
-def _as_column(per_filter: Tensor, like: Tensor) -> Tensor:
-    """An (F,) vector shaped to broadcast over the filters of ``like``."""
+def _as_column(per_filter: Tensor, like: Tensor, unit: int = 1) -> Tensor:
+    """An (F / unit,) vector shaped to broadcast over the filters of ``like``."""
     if like.dim() == 0:
         return per_filter.reshape(())
+    if unit > 1:
+        per_filter = per_filter.repeat_interleave(unit)
     return per_filter.view((-1,) + (1,) * (like.dim() - 1))
 
 
-def _filter_size(params: list[Tensor]) -> int:
-    """s: elements in one filter, summed over the params that share the filters."""
-    return sum(param.numel() // (param.shape[0] if param.dim() else 1) for param in params)
+def _filter_size(params: list[Tensor], unit: int = 1) -> int:
+    """s: elements in one filter (or unit of filters), summed over the params that share them."""
+    return unit * sum(param.numel() // (param.shape[0] if param.dim() else 1) for param in params)
 
 
 def _bias_correction(beta: float, step: int) -> float:

@@ -38,9 +38,9 @@ from .data import start_epoch
 from .distributed import DistContext, broadcast_object
 from .engine import autocast, backward_and_step, to_device
 from .errors import UserError
-from .masks import Mask, compute_mask, round_kept_count
+from .masks import Mask, compute_mask, round_kept_count, unit_norms
 from .pruned_resnet import build_pruned_resnet
-from .structure import prunable_convs
+from .structure import prunable_convs, pruning_groups
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
@@ -191,30 +191,36 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
                 num_classes: int) -> Mask:
     """The mask that keeps the strongest filters, as many as fit in ``goal_macs``.
 
-    Filters are ranked nonzero first (norm above the pruning threshold), then by
-    root-mean-square weight (so that layers with large filters are not favoured), and kept from the top; the count is the largest whose compressed model has
-    at most ``goal_macs`` MACs (MACs only grow with it, so a bisection finds it). When
-    the search zeroed more than the budget asks, some zero filters are kept (exact); when
-    fewer, the weakest nonzero filters go too, and the compressed model's output changes
-    (the search logs by how much, and retraining recovers it).
+    Filters (ResNeXt: conv groups of a tied pair, as ``compute_mask``) are ranked
+    nonzero first (norm above the pruning threshold), then by root-mean-square weight
+    (so that layers with large filters are not favoured), and kept from the top; the
+    count is the largest whose compressed model has at most ``goal_macs`` MACs (MACs
+    only grow with it, so a bisection finds it). When the search zeroed more than the
+    budget asks, some zero filters are kept (exact); when fewer, the weakest nonzero
+    filters go too, and the compressed model's output changes (the search logs by how
+    much, and retraining recovers it).
     """
-    rows = [(prunable.name, prunable.conv.weight.detach().flatten(1).float().cpu())
-            for prunable in prunable_convs(model, scope)]
-    norms = torch.cat([weight.norm(dim=1) for _, weight in rows])
-    root_mean_squares = torch.cat([weight.norm(dim=1) / math.sqrt(weight.shape[1]) for _, weight in rows])
+    groups = pruning_groups(model, scope)
+    norms = [unit_norms(members) for members in groups]  # per unit: a filter, or a ResNeXt group
+    unit_sizes = [sum(member.conv.weight[0].numel() for member in members) * members[0].unit
+                  for members in groups]
+    all_norms = torch.cat(norms)
+    root_mean_squares = torch.cat([norm / math.sqrt(size) for norm, size in zip(norms, unit_sizes)])
     by_strength = torch.sort(root_mean_squares, descending=True, stable=True).indices
-    nonzero_first = torch.sort((norms > args.pruning_threshold)[by_strength].to(torch.int8),
+    nonzero_first = torch.sort((all_norms > args.pruning_threshold)[by_strength].to(torch.int8),
                                descending=True, stable=True).indices
     order = by_strength[nonzero_first]
-    sizes = [weight.shape[0] for _, weight in rows]
 
     def keeping(count: int) -> Mask:
-        kept = torch.zeros(len(norms), dtype=torch.bool)
+        kept = torch.zeros(len(all_norms), dtype=torch.bool)
         kept[order[:count]] = True
-        return {name: round_kept_count(row, weight.norm(dim=1), args.round_to)
-                for (name, weight), row in zip(rows, kept.split(sizes))}
+        mask = {}
+        for members, norm, row in zip(groups, norms, kept.split([len(norm) for norm in norms])):
+            row = round_kept_count(row, norm, args.round_to).repeat_interleave(members[0].unit)
+            mask.update({member.name: row.clone() for member in members})
+        return mask
 
-    fitting, too_many = 0, len(norms) + 1  # keeping(fitting) fits (checked: goal >= the floor)
+    fitting, too_many = 0, len(all_norms) + 1  # keeping(fitting) fits (checked: goal >= the floor)
     while too_many - fitting > 1:
         middle = (fitting + too_many) // 2
         if mask_macs(args.arch, keeping(middle), scope, num_classes) <= goal_macs:

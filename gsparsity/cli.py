@@ -12,12 +12,9 @@ from typing import Sequence
 
 from .budget import parse_target
 from .errors import UserError
+from .pruned_resnet import ARCHS
 from .registry import check_model_name
 
-ARCHS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "wide_resnet50_2", "wide_resnet101_2",
-)
 
 # Defaults that differ between workflows: (lr, weight_decay, epochs).
 WORKFLOW_DEFAULTS = {

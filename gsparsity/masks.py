@@ -48,7 +48,7 @@ from torch import nn
 from .checkpoint import atomic_write_text
 from .complexity import evaluation_mode
 from .errors import UserError
-from .structure import RESIDUAL, SCOPES, PrunableConv, check_scope, prunable_convs, unwrap
+from .structure import RESIDUAL, SCOPES, PrunableConv, check_scope, prunable_convs, pruning_groups, unwrap
 
 Mask = dict[str, torch.Tensor]
 ChannelPlan = dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
@@ -82,21 +82,34 @@ def compute_mask(
     added to reach the multiple are the highest-norm ones under the threshold.
     ``also_pruned`` (conv name -> bool per filter) prunes more filters whatever their
     norm: the budget search uses it for the filters ProxSGD is driving to zero.
+
+    A tied pair (ResNeXt, ``structure``) is decided a unit at a time: one conv group's
+    filters in both convs, by the L2 norm of them all; ``round_to`` then counts units.
     """
     if not threshold > 0:
         raise UserError(f"the mask threshold must be positive, got {threshold}")
     if type(round_to) is not int or round_to < 1:
         raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
     mask: Mask = {}
-    for prunable in prunable_convs(plain_model(model), scope):
-        filter_norms = prunable.conv.weight.detach().flatten(1).norm(dim=1).cpu()
-        kept = filter_norms > threshold
+    for members in pruning_groups(plain_model(model), scope):
+        prunable = members[0]
+        norms = unit_norms(members)
+        kept = norms > threshold
         if also_pruned is not None and prunable.name in also_pruned:
-            extra = also_pruned[prunable.name].cpu()
+            extra = also_pruned[prunable.name].cpu().view(-1, prunable.unit).all(dim=1)
             kept &= ~extra
-            filter_norms = filter_norms.masked_fill(extra, 0.0)  # rounding treats them as zero
-        mask[prunable.name] = round_kept_count(kept, filter_norms, round_to)
-    return mask
+            norms = norms.masked_fill(extra, 0.0)  # rounding treats them as zero
+        row = round_kept_count(kept, norms, round_to).repeat_interleave(prunable.unit)
+        for member in members:
+            mask[member.name] = row.clone()
+    return {prunable.name: mask[prunable.name] for prunable in prunable_convs(plain_model(model), scope)}
+
+
+def unit_norms(members: list[PrunableConv]) -> torch.Tensor:
+    """L2 norm of every pruning unit (a filter, or a conv group of a tied pair) over ``members``' weights."""
+    unit = members[0].unit
+    squares = sum(member.conv.weight.detach().float().flatten(1).square().sum(dim=1) for member in members)
+    return squares.view(-1, unit).sum(dim=1).sqrt().cpu()
 
 
 def round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
@@ -116,19 +129,20 @@ def round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_t
     return rounded
 
 
-def kept_indices(mask_row: torch.Tensor) -> torch.Tensor:
-    """Indices of the channels the compressed model keeps; channel 0 when none is True."""
+def kept_indices(mask_row: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """Indices of the channels the compressed model keeps; the first ``unit`` channels
+    (channel 0, or a tied pair's first conv group) when none is True."""
     kept = torch.nonzero(mask_row).flatten()
     if kept.numel() == 0:
         # Every filter is pruned: keep channel 0 (see the module docstring).
-        return torch.zeros(1, dtype=torch.long, device=mask_row.device)
+        return torch.arange(unit, device=mask_row.device)
     return kept
 
 
-def pruned_indices(mask_row: torch.Tensor) -> torch.Tensor:
+def pruned_indices(mask_row: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """Indices of the channels the compressed model drops: all but ``kept_indices``."""
     dropped = torch.ones(mask_row.numel(), dtype=torch.bool, device=mask_row.device)
-    dropped[kept_indices(mask_row)] = False
+    dropped[kept_indices(mask_row, unit)] = False
     return torch.nonzero(dropped).flatten()
 
 
@@ -148,7 +162,8 @@ def check_mask(mask: Mask, model_or_arch: nn.Module | str, scope: str) -> None:
         model, described = reference_model(model_or_arch), model_or_arch
     else:
         model, described = plain_model(model_or_arch), "the model"
-    expected = {prunable.name: prunable.conv.out_channels for prunable in prunable_convs(model, scope)}
+    prunables = prunable_convs(model, scope)
+    expected = {prunable.name: prunable.conv.out_channels for prunable in prunables}
     missing = [name for name in expected if name not in mask]
     if missing:
         raise UserError(f"the mask has no layer {missing[0]} (scope {scope} of {described})")
@@ -163,6 +178,16 @@ def check_mask(mask: Mask, model_or_arch: nn.Module | str, scope: str) -> None:
             raise UserError(f"the mask of layer {name} must be a 1-D bool tensor")
         if row.numel() != filters:
             raise UserError(f"the mask of layer {name} has {row.numel()} filters, {described} has {filters}")
+    tied = [prunable for prunable in prunables if prunable.tied_with is not None]
+    for prunable in tied:
+        units = mask[prunable.name].view(-1, prunable.unit)
+        if not torch.equal(units.all(dim=1), units.any(dim=1)):
+            raise UserError(f"the mask of layer {prunable.name} splits a conv group: it must keep or prune "
+                            f"its filters {prunable.unit} at a time")
+    for prunable in tied:
+        if not torch.equal(mask[prunable.name], mask[prunable.tied_with]):
+            raise UserError(f"the masks of layers {prunable.name} and {prunable.tied_with} must be equal: "
+                            f"a group of the grouped conv goes with its input channels")
 
 
 # ---------------------------------------------------------- mask records and files
@@ -265,11 +290,14 @@ def channel_plan(model: nn.Module, mask: Mask, scope: str = "conv12") -> Channel
     plan keep every channel.
     """
     plan: dict[str, list] = {}
-    for prunable in prunable_convs(plain_model(model), scope):
-        kept = kept_indices(mask[prunable.name])
+    big = plain_model(model)
+    for prunable in prunable_convs(big, scope):
+        kept = kept_indices(mask[prunable.name], prunable.unit)
         plan.setdefault(prunable.name, [None, None])[0] = kept
         plan.setdefault(prunable.bn_name, [None, None])[0] = kept
-        if prunable.consumer != RESIDUAL:
+        # A grouped consumer's weight holds each group's inputs, which do not change:
+        # it loses whole groups, by its own outputs.
+        if prunable.consumer != RESIDUAL and big.get_submodule(prunable.consumer).groups == 1:
             plan.setdefault(prunable.consumer, [None, None])[1] = kept
     return {name: (outputs, inputs) for name, (outputs, inputs) in plan.items()}
 
@@ -330,8 +358,9 @@ def _fold_pruned_constants(
     """Move the eval-mode constants of pruned channels into what consumes them (module docstring)."""
     bn_name_of = {prunable.name: prunable.bn_name for prunable in prunable_convs(big, "all_conv")}
     for prunable in prunable_convs(big, scope):
-        pruned = pruned_indices(mask[prunable.name]).to(prunable.bn.weight.device)
-        if pruned.numel() == 0:
+        pruned = pruned_indices(mask[prunable.name], prunable.unit).to(prunable.bn.weight.device)
+        if pruned.numel() == 0 or prunable.consumer == prunable.tied_with:
+            # Nothing pruned, or only feeding the grouped conv's groups that are pruned too.
             continue
         constants = _bn_output_at_zero(prunable.bn)[pruned]
         if prunable.consumer == RESIDUAL:

@@ -26,10 +26,11 @@ from .errors import UserError
 from .masks import Mask, channel_plan, check_mask, kept_indices, reference_model
 from .structure import branch_chain, check_scope, residual_blocks
 
-# Every torchvision ResNet made of BasicBlock/Bottleneck with groups=1.
+# Every torchvision ResNet: BasicBlock/Bottleneck, and ResNeXt's grouped Bottleneck.
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "wide_resnet50_2", "wide_resnet101_2",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
 )
 
 
@@ -109,8 +110,6 @@ def scope_builders(scope: str) -> dict[str, Callable[..., nn.Module]]:
 def _check_supported(model: nn.Module, arch: str) -> None:
     if next(residual_blocks(model), None) is None:
         raise UserError(f"{arch} is not a ResNet made of BasicBlock/Bottleneck blocks")
-    if any(isinstance(module, nn.Conv2d) and module.groups != 1 for module in model.modules()):
-        raise UserError(f"{arch} has grouped convolutions (ResNeXt), which cannot be pruned yet")
 
 
 def _narrow_layers(model: nn.Module, mask: Mask, scope: str) -> None:
@@ -120,14 +119,18 @@ def _narrow_layers(model: nn.Module, mask: Mask, scope: str) -> None:
         if isinstance(layer, nn.Conv2d):
             out_channels = layer.out_channels if outputs is None else outputs.numel()
             in_channels = layer.in_channels if inputs is None else inputs.numel()
-            _replace_module(model, name, _resized_conv(layer, in_channels, out_channels))
+            groups = 1
+            if layer.groups > 1:  # whole groups go: as many fewer inputs as outputs
+                groups = out_channels // (layer.out_channels // layer.groups)
+                in_channels = groups * (layer.in_channels // layer.groups)
+            _replace_module(model, name, _resized_conv(layer, in_channels, out_channels, groups))
         elif isinstance(layer, nn.BatchNorm2d):
             _replace_module(model, name, _resized_bn(layer, outputs.numel()))
         else:
             raise UserError(f"{name}: cannot narrow a {type(layer).__name__}")
 
 
-def _resized_conv(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+def _resized_conv(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int) -> nn.Conv2d:
     return nn.Conv2d(
         in_channels,
         out_channels,
@@ -135,7 +138,7 @@ def _resized_conv(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Co
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
-        groups=conv.groups,
+        groups=groups,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
     )

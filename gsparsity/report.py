@@ -64,7 +64,7 @@ class LayerWidth:
     stage: str  # e.g. "layer1"
     total: int  # filters of the full model
     surviving: int  # filters the mask keeps (zero-norm ones are pruned)
-    kept: int  # channels of the compressed model: at least 1 (masks.kept_indices)
+    kept: int  # channels of the compressed model: at least 1, or a ResNeXt group (masks.kept_indices)
 
 
 @dataclass
@@ -154,7 +154,7 @@ def read_layer_widths(folder: Path) -> tuple[str | None, str | None, list[LayerW
     mask = mask_from_record(record, source=str(path))
     arch, scope = record["arch"], record["scope"]
     widths = [LayerWidth(prunable.name, prunable.stage, mask[prunable.name].numel(),
-                         int(mask[prunable.name].sum()), kept_indices(mask[prunable.name]).numel())
+                         int(mask[prunable.name].sum()), kept_indices(mask[prunable.name], prunable.unit).numel())
               for prunable in prunable_convs(reference_model(arch), scope)]
     return arch, scope, widths
 

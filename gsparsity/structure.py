@@ -5,6 +5,12 @@ the last conv of the chain feeds the residual add. Pruning filter ``f`` of a con
 couples three things (Torch-Pruning's "group"): output channel ``f`` of the conv,
 channel ``f`` of its BatchNorm, and input channel ``f`` of whatever consumes it
 (the next conv of the chain, or the residual add for the last conv).
+
+A grouped conv (ResNeXt's conv2) is pruned a whole group at a time: its group g reads
+only the channels of group g of the conv before it, so that conv and the grouped
+conv form one *tied* pair, pruned in units of ``channels per group`` channels, unit g
+of both at once. Removing unit g then removes one group of the grouped conv, and the
+compressed model is a narrower grouped conv with fewer groups of the same width.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ class PrunableConv:
     bn: nn.BatchNorm2d
     consumer: str  # name of the conv fed by this one, or RESIDUAL
     stage: str  # top-level stage holding the block, e.g. "layer1"
+    unit: int = 1  # channels pruned together: a group's width for a tied pair, else 1
+    tied_with: str | None = None  # the other conv of a tied pair (module docstring)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -83,8 +91,10 @@ def prunable_convs(model: nn.Module, scope: str = "conv12") -> list[PrunableConv
     for block_name, block in residual_blocks(model):
         chain = branch_chain(block)
         last = len(chain) if scope == "all_conv" else len(chain) - 1
+        ties = _tied_pairs(block, chain, last, block_name)
         for position, (conv_name, bn_name) in enumerate(chain[:last]):
             consumer = chain[position + 1][0] if position + 1 < len(chain) else RESIDUAL
+            unit, tied_with = ties.get(conv_name, (1, None))
             found.append(
                 PrunableConv(
                     name=f"{block_name}.{conv_name}",
@@ -93,6 +103,42 @@ def prunable_convs(model: nn.Module, scope: str = "conv12") -> list[PrunableConv
                     bn=getattr(block, bn_name),
                     consumer=consumer if consumer == RESIDUAL else f"{block_name}.{consumer}",
                     stage=block_name.split(".")[0],
+                    unit=unit,
+                    tied_with=None if tied_with is None else f"{block_name}.{tied_with}",
                 )
             )
     return found
+
+
+def pruning_groups(model: nn.Module, scope: str = "conv12") -> list[list[PrunableConv]]:
+    """The prunable convs grouped by what is pruned together: one conv, or a tied pair."""
+    prunables = prunable_convs(model, scope)
+    by_name = {prunable.name: prunable for prunable in prunables}
+    groups, seen = [], set()
+    for prunable in prunables:
+        if prunable.name in seen:
+            continue  # the second conv of a tied pair
+        members = [prunable] if prunable.tied_with is None else [prunable, by_name[prunable.tied_with]]
+        seen.update(member.name for member in members)
+        groups.append(members)
+    return groups
+
+
+def _tied_pairs(block: nn.Module, chain: list[tuple[str, str]], last: int,
+                block_name: str) -> dict[str, tuple[int, str]]:
+    """{conv name: (unit, the other conv)} for every grouped conv of the branch and its producer."""
+    ties: dict[str, tuple[int, str]] = {}
+    for position, (conv_name, _) in enumerate(chain):
+        conv = getattr(block, conv_name)
+        if conv.groups == 1:
+            continue
+        if not 0 < position < last or conv.in_channels != conv.out_channels:
+            raise ValueError(f"{block_name}.{conv_name}: a grouped conv can only be pruned between two "
+                             f"prunable convs, with as many inputs as outputs (as in ResNeXt)")
+        producer = chain[position - 1][0]
+        if producer in ties:
+            raise ValueError(f"{block_name}.{conv_name}: two grouped convs in a row cannot be pruned")
+        unit = conv.out_channels // conv.groups
+        ties[producer] = (unit, conv_name)
+        ties[conv_name] = (unit, producer)
+    return ties

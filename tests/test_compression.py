@@ -41,13 +41,16 @@ def full_model(arch: str, seed: int = 0) -> nn.Module:
 
 
 def random_mask(model: nn.Module, scope: str, seed: int = 0) -> dict:
-    """About half the filters of every layer, and one layer with every filter pruned."""
+    """About half the filters (or ResNeXt groups) of every layer, and one layer with every
+    filter pruned (in a ResNeXt, the first tied pair)."""
     generator = torch.Generator().manual_seed(seed)
-    mask = {
-        prunable.name: torch.rand(prunable.conv.out_channels, generator=generator) < 0.5
-        for prunable in prunable_convs(model, scope)
-    }
-    mask[next(iter(mask))][:] = False
+    mask = {}
+    for index, prunable in enumerate(prunable_convs(model, scope)):
+        if prunable.tied_with in mask:  # a grouped conv prunes the groups of its input conv
+            mask[prunable.name] = mask[prunable.tied_with].clone()
+            continue
+        units = torch.rand(prunable.conv.out_channels // prunable.unit, generator=generator) < 0.5
+        mask[prunable.name] = units.repeat_interleave(prunable.unit) & (index > 0)
     return mask
 
 
@@ -80,7 +83,7 @@ def images(size: int = 64) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
-@pytest.mark.parametrize("arch", ARCHS)  # every torchvision ResNet: BasicBlock and Bottleneck, wide ones too
+@pytest.mark.parametrize("arch", ARCHS)  # every torchvision ResNet: BasicBlock, Bottleneck, wide, ResNeXt
 def test_compressed_model_matches_the_full_model_when_pruned_channels_are_zero(arch, scope):
     full = full_model(arch)
     mask = random_mask(full, scope)
@@ -238,10 +241,32 @@ def test_transfer_refuses_a_small_model_built_from_another_mask():
         transfer_model_parameters(full, other, mask, "conv12")
 
 
-def test_build_refuses_grouped_convolutions():
-    mask = random_mask(torchvision.models.resnext50_32x4d(weights=None), "conv12")
-    with pytest.raises(UserError, match="grouped convolutions"):
-        build_pruned_resnet("resnext50_32x4d", mask, "conv12")
+def test_a_resnext_loses_whole_groups_of_its_grouped_conv():
+    full = full_model("resnext50_32x4d")
+    mask = random_mask(full, "conv12")
+    small = compress_model(full, mask, "conv12")
+    for name in ("layer1.1.conv2", "layer3.2.conv2"):  # 32 groups of 4 and of 16 channels
+        conv, kept = full.get_submodule(name), int(mask[name].sum())
+        width = conv.out_channels // conv.groups
+        narrow = small.get_submodule(name)
+        assert (narrow.groups, narrow.in_channels, narrow.out_channels) == (kept // width, kept, kept)
+    # Every group pruned: one group stays, as one channel does in a plain ResNet.
+    emptied = small.get_submodule("layer1.0.conv2")
+    assert (emptied.groups, emptied.out_channels, small.layer1[0].conv1.out_channels) == (1, 4, 4)
+
+
+def test_a_resnext_mask_must_prune_whole_groups_in_both_tied_convs():
+    full = full_model("resnext50_32x4d")
+    split = random_mask(full, "conv12")
+    split["layer1.1.conv2"] = split["layer1.1.conv2"].clone()
+    split["layer1.1.conv2"][0] = ~split["layer1.1.conv2"][0]
+    with pytest.raises(UserError, match="splits a conv group"):
+        build_pruned_resnet("resnext50_32x4d", split, "conv12")
+    untied = random_mask(full, "conv12")
+    untied["layer1.1.conv1"] = untied["layer1.1.conv1"].clone()
+    untied["layer1.1.conv1"][:4] = ~untied["layer1.1.conv1"][:4]
+    with pytest.raises(UserError, match="must be equal"):
+        build_pruned_resnet("resnext50_32x4d", untied, "conv12")
 
 
 def test_build_refuses_an_architecture_that_is_not_a_resnet():

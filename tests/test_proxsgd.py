@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet50
+from torchvision.models import resnet18, resnet50, resnext50_32x4d
 
 from proxsgd import NOT_PRUNABLE, ProxSGD, group_model_parameters
 
@@ -217,6 +217,41 @@ def test_lr_below_one_shrinks_a_zeroed_prox_geometrically():
     weight.grad = torch.zeros_like(weight)
     optimizer.step()
     torch.testing.assert_close(weight.detach(), torch.full((1, 4), 0.75))
+
+
+@pytest.mark.parametrize("adaptive_lr", [False, True])
+@pytest.mark.parametrize("normalization", [None, "div"])
+def test_a_unit_of_k_filters_is_pruned_as_one_filter_k_times_as_large(adaptive_lr, normalization):
+    # ResNeXt prunes a conv group at a time: unit=k must act exactly as if each k
+    # consecutive filters (rows) were one filter.
+    torch.manual_seed(2)
+    unit, hyper = 2, dict(lr=0.3, momentum=0.8, beta=0.9, adaptive_lr=adaptive_lr, normalization=normalization)
+    scale = torch.logspace(-2, 1, 3, dtype=torch.float64).repeat_interleave(unit)
+    grouped = [(torch.randn(6, 2, 3, 3, dtype=torch.float64) * scale.view(-1, 1, 1, 1)).requires_grad_(),
+               (torch.randn(6, dtype=torch.float64) * scale).requires_grad_()]
+    as_filters = [param.detach().reshape(3, -1).clone().requires_grad_() for param in grouped]
+    # mu_f of the order of the middle unit's norm, whatever the mode (as in the tests above).
+    mu = (1.0 if normalization is None else math.sqrt(unit * 19)) * (0.1 if adaptive_lr else 1.0)
+    optimizer = ProxSGD([{"params": grouped, "weight_decay": mu, "unit": unit, "members": ["a", "b"]}], **hyper)
+    plain = ProxSGD([{"params": as_filters, "weight_decay": mu}], **hyper)
+    for _ in range(4):
+        for param, twin in zip(grouped, as_filters):
+            param.grad = torch.randn_like(param) * 0.01
+            twin.grad = param.grad.reshape(twin.shape).clone()
+        optimizer.step()
+        plain.step()
+    for param, twin in zip(grouped, as_filters):
+        torch.testing.assert_close(param.detach().reshape(twin.shape), twin.detach(), rtol=1e-12, atol=1e-12)
+    zero = plain.zero_prox_filters()["0"]
+    assert zero.any() and not zero.all()  # both branches of the prox ran
+    heading = optimizer.zero_prox_filters()
+    assert set(heading) == {"a", "b"}  # one entry per member, one flag per filter
+    assert torch.equal(heading["a"], zero.repeat_interleave(unit))
+
+
+def test_a_unit_that_does_not_divide_the_filters_is_refused():
+    with pytest.raises(ValueError, match="unit"):
+        ProxSGD([{"params": [nn.Parameter(torch.ones(6, 2))], "weight_decay": 0.1, "unit": 4}])
 
 
 @pytest.mark.parametrize("lr", [1.0, 0.25])
@@ -432,6 +467,28 @@ def test_resnet18_conv12_prunes_conv1_of_each_basic_block():
     groups = prunable_groups(group_model_parameters(model, mu=0.1, scope="conv12"))
     expected = [f"layer{stage}.{block}.conv1" for stage in range(1, 5) for block in range(2)]
     assert [group["name"] for group in groups] == expected
+
+
+@pytest.mark.parametrize("group", ["filter", "channel"])
+def test_a_resnext_block_prunes_conv1_and_the_grouped_conv2_one_group_at_a_time(group):
+    model = resnext50_32x4d(weights=None)
+    groups = group_model_parameters(model, mu=0.1, scope="all_conv", group=group)
+    grouped = [id(param) for param_group in groups for param in param_group["params"]]
+    assert sorted(grouped) == sorted(id(param) for param in model.parameters())
+    tied = {group["name"]: group for group in prunable_groups(groups) if "members" in group}
+    assert len(tied) == 16  # one per block
+    block = model.layer3[2]
+    pair = tied["layer3.2.conv1"]
+    assert pair["members"] == ["layer3.2.conv1", "layer3.2.conv2"]
+    assert pair["unit"] == block.conv2.out_channels // block.conv2.groups == 16
+    assert pair["weight_decay"] == pytest.approx(0.2)  # layer-adaptive: layer3 gets 2 mu
+    expected = [block.conv1.weight, block.conv2.weight]
+    if group == "channel":
+        expected = [block.conv1.weight, block.bn1.weight, block.bn1.bias,
+                    block.conv2.weight, block.bn2.weight, block.bn2.bias]
+    assert pair["params"] == expected
+    assert "layer3.2.conv3" in {group["name"] for group in prunable_groups(groups)} - set(tied)
+    ProxSGD(groups)  # accepted as they are
 
 
 def test_groups_are_accepted_by_proxsgd_name_key_included(resnet50_model):

@@ -82,6 +82,23 @@ def test_search_and_retrain_work_for_another_resnet(registry, tmp_path):
     assert "compressed resnet18 (all_conv)" in retrain.stdout
 
 
+def test_a_resnext_search_on_a_budget_drops_whole_groups_and_retrains(registry, tmp_path):
+    run_script("main_search_conv12.py", *TINY, "-a", "resnext50_32x4d", "--target-macs", "70%",
+               "--budget-steps", "2", "--budget-probes", "2", "--path_to_save", str(tmp_path),
+               "--register", "tiny_resnext", "--registry", str(registry))
+    folder = only_folder(tmp_path, "conv12_*")
+    small = load_checkpoint(folder / "small_model_conv12_1e-06.pth.tar")["state_dict"]
+    full = torchvision.models.resnext50_32x4d(num_classes=10).state_dict()
+    narrowed = [key for key in full if key.endswith("conv2.weight") and small[key].shape[0] < full[key].shape[0]]
+    assert narrowed
+    for key in narrowed:  # each group keeps its width: 4 channels per group in layer1, 8 in layer2 ...
+        assert small[key].shape[1:] == full[key].shape[1:]
+        assert small[key].shape[0] % full[key].shape[1] == 0
+    retrain = run_script("main_reduce_retrain_conv12.py", *TINY, "--baseline_model", "tiny_resnext",
+                         "--registry", str(registry), "--path_to_save", str(tmp_path))
+    assert "compressed resnext50_32x4d (conv12)" in retrain.stdout
+
+
 def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cache(tmp_path):
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
