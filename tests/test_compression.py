@@ -255,6 +255,16 @@ def test_a_resnext_loses_whole_groups_of_its_grouped_conv():
     assert (emptied.groups, emptied.out_channels, small.layer1[0].conv1.out_channels) == (1, 4, 4)
 
 
+def test_resnext_filter_pruning_is_exact_even_where_conv1_feeds_the_3x3_conv():
+    # A pruned conv1 group feeds only its own conv2 group, which is pruned too, so no
+    # constant reaches the border-sensitive 3x3 conv (unlike a plain Bottleneck).
+    full = full_model("resnext50_32x4d")
+    mask = random_mask(full, "conv12")
+    plant_zeros(full, mask, "conv12", group="filter")
+    small = compress_model(full, mask, "conv12")
+    assert relative_deviation(full, small, images()) < 1e-5
+
+
 def test_a_resnext_mask_must_prune_whole_groups_in_both_tied_convs():
     full = full_model("resnext50_32x4d")
     split = random_mask(full, "conv12")
