@@ -35,12 +35,12 @@ from proxsgd import ProxSGD, group_model_parameters
 
 from .complexity import count_macs_params
 from .data import start_epoch
-from .distributed import DistContext, broadcast_object
-from .engine import autocast, backward_and_step, to_device
+from .distributed import DistContext, all_reduce_sum, broadcast_object
+from .engine import autocast, to_device
 from .errors import UserError
 from .masks import Mask, compute_mask, round_kept_count, unit_norms
 from .pruned_resnet import build_pruned_resnet
-from .structure import prunable_convs, pruning_groups
+from .structure import pruning_groups
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
@@ -65,8 +65,8 @@ def parse_target(text: str) -> tuple[float, bool]:
         if not 0 < value < 100:
             raise UserError(f"--target-macs as a share must be between 0% and 100%, got {text!r}")
         return value / 100, True
-    if not value > 0:
-        raise UserError(f"--target-macs must be > 0 GMac, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"--target-macs must be a positive number of GMac, got {text!r}")
     return value * 1e9, False
 
 
@@ -119,23 +119,24 @@ def bisect_mu(probe: Callable[[float], Probe], target_share: float, start_mu: fl
     return best, probes
 
 
-def filter_norms(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
-    return {prunable.name: prunable.conv.weight.detach().flatten(1).norm(dim=1).float().cpu()
-            for prunable in prunable_convs(model, scope)}
-
-
 def projected_mask(model: nn.Module, heading_to_zero: dict[str, torch.Tensor], remaining_lrs: list[float],
                    args: argparse.Namespace, scope: str) -> Mask:
     """The mask the search would end with if the filters now heading to zero kept heading there.
 
-    Such a filter keeps a factor (1 - lr) of its norm at every step, so it counts as pruned
-    when its norm times the product over the remaining steps is under the threshold.
+    Such a filter (ResNeXt: a conv group of a tied pair) keeps a factor (1 - lr) of its
+    norm at every step, so it counts as pruned when its norm times the product over the
+    remaining steps is under the threshold.
     """
     log_decay = sum(math.log1p(-lr) if lr < 1 else -math.inf for lr in remaining_lrs)
     pruned = {}
-    for name, norms in filter_norms(model, scope).items():
-        heading = heading_to_zero.get(name, torch.zeros_like(norms, dtype=torch.bool)).cpu()
-        pruned[name] = heading & (norms * math.exp(log_decay) <= args.pruning_threshold)
+    for members in pruning_groups(model, scope):
+        unit, norms = members[0].unit, unit_norms(members)
+        heading = heading_to_zero.get(members[0].name)
+        if heading is None:
+            continue
+        heading = heading.cpu().view(-1, unit).all(dim=1)
+        decayed = heading & (norms * math.exp(log_decay) <= args.pruning_threshold)
+        pruned[members[0].name] = decayed.repeat_interleave(unit)
     return compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=pruned)
 
 
@@ -161,7 +162,7 @@ class MuProbe:
                             normalization=args.normalization)
         scaler = make_scaler(args, self.ctx)
         criterion = nn.CrossEntropyLoss()
-        counted_from = len(self.batches) // 2
+        counted_from, counted = len(self.batches) // 2, 0
         zero_counts: dict[str, torch.Tensor] = {}
         self.model.train()
         try:
@@ -170,21 +171,43 @@ class MuProbe:
                 with autocast(self.ctx.device, args.amp):
                     loss = criterion(self.model(images), target)
                 optimizer.zero_grad(set_to_none=True)
-                backward_and_step(loss, optimizer, scaler)
-                if step >= counted_from:
+                skipped = self.backward_and_step(loss, optimizer, scaler)
+                if step >= counted_from and not skipped:
+                    counted += 1
                     for name, zero in optimizer.zero_prox_filters().items():
                         zero_counts[name] = zero_counts.get(name, 0) + zero.to(torch.int32)
-            counted = len(self.batches) - counted_from
-            heading_to_zero = {name: 2 * count >= counted for name, count in zero_counts.items()}
+            heading_to_zero = {name: 2 * count >= max(counted, 1) for name, count in zero_counts.items()}
             mask = projected_mask(self.model, heading_to_zero, self.remaining_lrs, args, self.scope)
         finally:
             self.model.load_state_dict(self.start_state)
-        macs = mask_macs(args.arch, mask, self.scope, self.num_classes)
+        # Every process takes rank 0's figure, so that all run the same bisection.
+        macs = broadcast_object(mask_macs(args.arch, mask, self.scope, self.num_classes))
         result = Probe(mu=mu, macs=macs, share=macs / self.full_macs)
         if self.ctx.is_main:
             log.info(f"budget probe: mu {mu:.4g} -> {macs / 1e9:.3f} GMac predicted "
                      f"({100 * result.share:.1f}% of the MACs)")
         return result
+
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: ProxSGD,
+                          scaler: torch.amp.GradScaler | None) -> bool:
+        """One probe step, with gradients averaged over the processes as DistributedDataParallel
+        would (the model is not wrapped yet); True if the GradScaler skipped it."""
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        loss.backward()
+        if self.ctx.distributed:
+            grads = [param.grad for param in self.model.parameters() if param.grad is not None]
+            flat = all_reduce_sum(torch.cat([grad.flatten() for grad in grads])).div_(self.ctx.world_size)
+            for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+                grad.copy_(averaged.view_as(grad))
+        if scaler is None:
+            optimizer.step()
+            return False
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale() < scale_before
 
 
 def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scope: str,
@@ -230,15 +253,6 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
     return keeping(fitting)
 
 
-def describe_budget_mask(model: nn.Module, mask: Mask, args: argparse.Namespace, scope: str) -> str:
-    """How the budget mask differs from the threshold's: filters pruned above it, zero ones kept."""
-    threshold_mask = compute_mask(model, args.pruning_threshold, scope)
-    pruned_nonzero = sum(int((threshold_mask[name] & ~kept).sum()) for name, kept in mask.items())
-    kept_zero = sum(int((~threshold_mask[name] & kept).sum()) for name, kept in mask.items())
-    return (f"{pruned_nonzero} filter(s) above the threshold pruned to meet it, "
-            f"{kept_zero} zero filter(s) kept to fill it")
-
-
 def search_step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
     """The lr of every step of the search, from its scheduler (which steps once per epoch)."""
     from .training import make_scheduler  # imported here: training imports the engine too
@@ -273,20 +287,29 @@ def first_batches(loader, count: int, seed: int | None) -> list:
     return batches
 
 
+def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int,
+                 full_macs: int) -> int:
+    """The target in MACs; UserError when no mask can reach it (checked before any file is written)."""
+    goal = target_macs(args.target_macs, full_macs)
+    if goal >= full_macs:
+        raise UserError(f"--target-macs {args.target_macs} is not below the full model's "
+                        f"{full_macs / 1e9:.2f} GMac: nothing to prune")
+    floor = smallest_macs(model, args, scope, num_classes)
+    if goal < floor:
+        hint = "prune conv3 too (main_search_all_conv.py) or aim higher" if scope == "conv12" else "aim higher"
+        raise UserError(f"--target-macs {args.target_macs} is below {floor / 1e9:.2f} GMac, the MACs left "
+                        f"when every {scope} filter is pruned ({100 * floor / full_macs:.1f}% of the full "
+                        f"model): {hint}")
+    return goal
+
+
 def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader,
               num_classes: int, full_macs: int) -> dict:
     """Run the budget search; returns its record for run_info.json (``"mu"``: the choice).
 
-    Every process probes on its own batches; rank 0's choice is broadcast to all."""
-    goal = target_macs(args.target_macs, full_macs)
-    floor = smallest_macs(model, args, scope, num_classes)
-    if goal >= full_macs:
-        raise UserError(f"--target-macs {args.target_macs} is not below the full model's "
-                        f"{full_macs / 1e9:.2f} GMac: nothing to prune")
-    if goal < floor:
-        raise UserError(f"--target-macs {args.target_macs} is below {floor / 1e9:.2f} GMac, the MACs left "
-                        f"when every {scope} filter is pruned ({100 * floor / full_macs:.1f}% of the full "
-                        f"model); prune more convs (main_search_all_conv.py) or aim higher")
+    Every process trains the probes on its part of the same global batches, gradients
+    averaged as in the search, and takes rank 0's predictions."""
+    goal = check_target(model, args, scope, num_classes, full_macs)
     target_share = goal / full_macs
     if ctx.is_main:
         log.info(f"budget search: target {goal / 1e9:.3f} GMac ({100 * target_share:.1f}% of the MACs), "
@@ -296,9 +319,18 @@ def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scop
                     search_step_lrs(args, len(loader)))
     start_mu = args.weight_decay if args.weight_decay > 0 else FALLBACK_START_MU
     best, probes = bisect_mu(probe, target_share, start_mu, args.budget_probes, args.budget_tolerance / 100)
-    best = Probe(**broadcast_object(asdict(best)))
     if ctx.is_main:
         log.info(f"budget search: mu {best.mu:.4g}, predicted {best.macs / 1e9:.3f} GMac "
                  f"({100 * best.share:.1f}% of the MACs) for a target of {100 * target_share:.1f}%")
     return {"target_macs": goal, "target_share": target_share, "mu": best.mu,
             "probes": [asdict(candidate) for candidate in probes]}
+
+
+def describe_budget_mask(model: nn.Module, mask: Mask, threshold_mask: Mask, scope: str) -> str:
+    """How the budget mask differs from the threshold's: filters pruned above it, zero ones kept
+    (a ResNeXt conv group counts as its conv1 filters)."""
+    first_members = [members[0].name for members in pruning_groups(model, scope)]
+    pruned_nonzero = sum(int((threshold_mask[name] & ~mask[name]).sum()) for name in first_members)
+    kept_zero = sum(int((~threshold_mask[name] & mask[name]).sum()) for name in first_members)
+    return (f"{pruned_nonzero} filter(s) above the threshold pruned to meet it, "
+            f"{kept_zero} zero filter(s) kept to fill it")

@@ -95,8 +95,10 @@ def compute_mask(
         prunable = members[0]
         norms = unit_norms(members)
         kept = norms > threshold
-        if also_pruned is not None and prunable.name in also_pruned:
-            extra = also_pruned[prunable.name].cpu().view(-1, prunable.unit).all(dim=1)
+        extras = [also_pruned[member.name].cpu().view(-1, prunable.unit).all(dim=1)
+                  for member in members if also_pruned is not None and member.name in also_pruned]
+        if extras:  # a unit of a tied pair goes when every row given for it says so
+            extra = torch.stack(extras).all(dim=0)
             kept &= ~extra
             norms = norms.masked_fill(extra, 0.0)  # rounding treats them as zero
         row = round_kept_count(kept, norms, round_to).repeat_interleave(prunable.unit)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from gsparsity.budget import (MuProbe, bisect_mu, budget_mask, mask_macs, parse_target, smallest_macs,
-                              target_macs)
+from gsparsity.budget import (MuProbe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
+                              smallest_macs, target_macs)
 from gsparsity.cli import build_parser
 from gsparsity.distributed import DistContext
 from gsparsity.errors import UserError
@@ -95,21 +95,41 @@ def resnet18():
     return torchvision.models.resnet18(num_classes=10)
 
 
-def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(resnet18, one_thread):
+# A fresh ResNeXt's gradients at lr 1 dwarf its weights; a small momentum (the weight of
+# the new gradient) keeps its step near the pure proximal one, which prunes the layer1-3 groups.
+@pytest.mark.parametrize("arch, mu, momentum", [("resnet18", 1.5, "0.9"), ("resnext50_32x4d", 3.0, "1e-4")])
+def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(arch, mu, momentum, one_thread):
     # lr 1 moves each filter to its proximal point, so "heading to zero" is "zero now".
-    args = search_args("--lr", "1", "--no-adaptive_lr", "--normalization", "none", "--budget-steps", "2")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=10)
+    args = search_args("-a", arch, "--lr", "1", "--no-adaptive_lr", "--normalization", "none",
+                       "--momentum", momentum, "--budget-steps", "2")
     batches = tiny_batches(2)
-    full_macs = mask_macs("resnet18", compute_mask(resnet18, 1e-6), "conv12", 10)
-    copy_of_start = copy.deepcopy(resnet18)
-    probe = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, search_lrs=[1.0] * 10)
-    mu = 1.5
+    full_macs = mask_macs(arch, compute_mask(model, 1e-6), "conv12", 10)
+    copy_of_start = copy.deepcopy(model)
+    probe = MuProbe(model, args, CPU_ONLY, "conv12", batches, 10, full_macs, search_lrs=[1.0] * 10)
     predicted = probe(mu)
 
     run_proxsgd(copy_of_start, args, mu, batches)
     mask = compute_mask(copy_of_start, args.pruning_threshold)
-    assert 0 < sum(int((~kept).sum()) for kept in mask.values())  # the test prunes for real
-    assert predicted.macs == mask_macs("resnet18", mask, "conv12", 10) < full_macs
+    pruned = sum(int((~kept).sum()) for kept in mask.values())
+    assert 0 < pruned < sum(kept.numel() for kept in mask.values())  # the test prunes for real
+    assert predicted.macs == mask_macs(arch, mask, "conv12", 10) < full_macs
     assert predicted.share == predicted.macs / full_macs
+
+
+def test_a_resnext_group_is_projected_to_zero_by_its_norm_in_both_convs():
+    model = torchvision.models.resnext50_32x4d(num_classes=10)
+    block = model.layer1[0]  # 32 groups of 4 channels
+    with torch.no_grad():
+        block.conv1.weight[0:4] = 0.001  # group 0: small in conv1, large in conv2
+        block.conv1.weight[4:8] = 0  # group 1: norm 1.2e-6, over the threshold of 1e-6 until it decays
+        block.conv2.weight[4:8] = 1e-7
+    heading = {name: torch.ones(128, dtype=torch.bool) for name in ("layer1.0.conv1", "layer1.0.conv2")}
+    mask = projected_mask(model, heading, [0.05] * 10, search_args(), "conv12")
+    assert mask["layer1.0.conv1"][:4].all() and mask["layer1.0.conv2"][:4].all()
+    assert not mask["layer1.0.conv1"][4:8].any() and not mask["layer1.0.conv2"][4:8].any()
+    assert compute_mask(model)["layer1.0.conv1"][4:8].all()  # not yet under the threshold now
 
 
 def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet18, one_thread):
@@ -214,15 +234,17 @@ def test_a_search_with_a_target_lands_its_compressed_model_on_the_budget(tmp_pat
 
 
 @pytest.mark.parametrize("target, message", [
-    ("1%", "below .* GMac, the MACs left when every conv12 filter is pruned"),
+    ("1%", "below .* GMac, the MACs left when every conv12 filter is pruned .*: prune conv3 too"),
     ("99", "is not below the full model's 1.81 GMac: nothing to prune"),
     ("half", "--target-macs takes GMac"),
+    ("1e400", "must be a positive number of GMac"),
 ])
-def test_a_target_out_of_reach_is_refused_in_one_line(target, message, tmp_path):
+def test_a_target_out_of_reach_is_refused_in_one_line_before_any_folder(target, message, tmp_path):
     result = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--target-macs", target,
-                        "--path_to_save", str(tmp_path), expect=2)
+                        "--path_to_save", str(tmp_path / "experiments"), expect=2)
     assert re.search(message, result.stderr) and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "experiments").exists()
 
 
 def test_a_resumed_budget_search_goes_on_with_the_chosen_mu_without_probing_again(tmp_path):

@@ -107,9 +107,11 @@ def test_compute_mask_also_prunes_the_filters_it_is_told_to_whatever_their_norm(
     mask = compute_mask(resnet18, also_pruned={"layer1.0.conv1": extra})
     assert torch.equal(mask["layer1.0.conv1"], ~extra)
     assert all(bool(row.all()) for name, row in mask.items() if name != "layer1.0.conv1")
-    # Rounding up treats them as zero filters: the highest-norm pruned ones come back first.
-    rounded = compute_mask(resnet18, round_to=4, also_pruned={"layer1.0.conv1": extra})
-    assert bool(rounded["layer1.0.conv1"].all())
+    # Rounding up treats them as zero filters: a planted zero filter of lower index comes
+    # back before them, however large their norms.
+    planted = with_zero_filters(resnet18, {"layer1.0.conv1": [1]})
+    rounded = compute_mask(planted, round_to=2, also_pruned={"layer1.0.conv1": extra})  # 61 -> 62 kept
+    assert torch.nonzero(~rounded["layer1.0.conv1"]).flatten().tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("threshold", [0.0, -1e-6])
