@@ -66,8 +66,27 @@ def read_run_info(folder: Path) -> dict[str, Any]:
     return info
 
 
+class EarlyRecords(logging.Handler):
+    """Keeps what a workflow logs before its experiment folder exists (the folder is made
+    only once the inputs have been checked), for _log.txt to start with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def start_logging(ctx: DistContext) -> None:
+    """Log to stdout at once; _log.txt gets these lines too when ``open_experiment`` makes it."""
+    setup_logging(None, ctx)
+    log.addHandler(EarlyRecords())
+
+
 def setup_logging(folder: Path | None, ctx: DistContext) -> None:
     """Rank 0 logs INFO to stdout and _log.txt; other ranks only warnings."""
+    early = [handler for handler in log.handlers if isinstance(handler, EarlyRecords)]
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
@@ -77,6 +96,8 @@ def setup_logging(folder: Path | None, ctx: DistContext) -> None:
     if folder is not None and ctx.is_main:
         to_file = logging.FileHandler(folder / LOG_FILE)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        for record in (record for handler in early for record in handler.records):
+            to_file.handle(record)
         log.addHandler(to_file)
 
 

@@ -13,7 +13,7 @@ from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
 from .distributed import DistContext
 from .errors import UserError
-from .experiment import open_experiment, read_run_info, timestamp, write_run_info
+from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
 from .registry import DEFAULT_REGISTRY, resolve
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
@@ -44,6 +44,7 @@ def small_model_path(args: argparse.Namespace, scope: str) -> Path:
 def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     if args.seed is not None:
         seed_everything(args.seed)
+    start_logging(ctx)
     # Resolve before making a folder, so a wrong name leaves nothing behind.
     source = (Path(read_run_info(args.resume)["small_model"]) if args.resume
               else small_model_path(args, scope))

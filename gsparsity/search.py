@@ -13,13 +13,14 @@ import torch
 
 from proxsgd import ProxSGD, group_model_parameters
 
-from .budget import budget_mask, choose_mu, describe_budget_mask, mask_macs, parse_target, target_macs
+from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
+                     target_macs)
 from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
 from .distributed import DistContext, all_reduce_sum
 from .errors import UserError
-from .experiment import open_experiment, timestamp, write_run_info
+from .experiment import open_experiment, start_logging, timestamp, write_run_info
 from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
 from .models import build_model, load_pretrained
 from .registry import DEFAULT_REGISTRY, register_experiment
@@ -75,14 +76,15 @@ class EpochEnd:
 
     def __call__(self, epoch: int, val) -> None:
         run, args = self.run, self.run.args
-        if self.goal_macs is None:
-            mask = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
-        else:
+        by_threshold = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
+        mask = by_threshold
+        if self.goal_macs is not None:
             mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes)
         check_ranks_agree(mask, run.ctx)
         if not run.ctx.is_main:
             return
-        report = sparsity_report(run.plain_model, mask, self.scope)
+        # The filters the search zeroed (the budget's mask may differ: log_budget says how).
+        report = sparsity_report(run.plain_model, by_threshold, self.scope)
         log.info(f"epoch {epoch} sparsity (threshold {args.pruning_threshold:g}):")
         for line in report.lines():
             log.info(line)
@@ -101,7 +103,7 @@ class EpochEnd:
                  f"({100 * macs / self.full_macs:.1f}% of the MACs, {100 * params / self.full_params:.1f}% "
                  f"of the parameters)")
         if self.goal_macs is not None:
-            self.log_budget(epoch, mask, macs)
+            self.log_budget(epoch, mask, by_threshold, macs)
         run.scalars.add("complexity/compressed_gmacs", macs / 1e9, epoch)
         run.scalars.add("complexity/compressed_mparams", params / 1e6, epoch)
         threshold = args.pruning_threshold
@@ -116,14 +118,13 @@ class EpochEnd:
             "val_top1_full": val.top1,
         }, run.folder / small_model_file(self.scope, threshold))
 
-    def log_budget(self, epoch: int, mask: Mask, macs: int) -> None:
+    def log_budget(self, epoch: int, mask: Mask, by_threshold: Mask, macs: int) -> None:
         run, args = self.run, self.run.args
-        by_threshold = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
         exact_macs = mask_macs(args.arch, by_threshold, self.scope, run.loaders.num_classes)
         log.info(f"epoch {epoch} budget: {macs / 1e9:.3f} GMac ({100 * macs / self.full_macs:.1f}% of the MACs) "
                  f"for a target of {self.goal_macs / 1e9:.3f} GMac ({100 * self.goal_macs / self.full_macs:.1f}%); "
                  f"the zero filters alone give {100 * exact_macs / self.full_macs:.1f}%: "
-                 f"{describe_budget_mask(run.plain_model, mask, args, self.scope)}")
+                 f"{describe_budget_mask(run.plain_model, mask, by_threshold, self.scope)}")
         run.scalars.add("complexity/zero_filters_only_gmacs", exact_macs / 1e9, epoch)
 
 
@@ -145,15 +146,20 @@ def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
 def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     if args.seed is not None:
         seed_everything(args.seed)
-    folder = open_experiment(args, ctx, experiment_name(args, scope))
+    start_logging(ctx)
+    # Everything that can refuse the input comes before the experiment folder is made.
     loaders = build_loaders(args, ctx)
     model = build_model(args.arch, loaders.num_classes)
     if args.pretrained and not args.resume:
         load_pretrained(model, args.pretrained, args.arch)
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
+    probing = args.target_macs is not None and not (args.resume or args.evaluate)
+    if probing:
+        check_target(model, args, scope, loaders.num_classes, full_macs)
+    folder = open_experiment(args, ctx, experiment_name(args, scope))
     budget = None
-    if args.target_macs is not None and not (args.resume or args.evaluate):
+    if probing:
         budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, full_macs)
         args.weight_decay = budget["mu"]  # run_info.json keeps it, so --resume goes on with it
     groups = group_model_parameters(model, args.weight_decay, scope=scope,

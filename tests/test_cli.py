@@ -49,6 +49,18 @@ def test_data_folder_that_does_not_exist(capsys, tmp_path):
     fails_with(capsys, ORIGINAL, ["--data", str(tmp_path / "imagenet"), "--evaluate"], "no such folder")
 
 
+@pytest.mark.parametrize("script", [SEARCH, ORIGINAL])
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "{tmp}/imagenet"], "no such folder"),
+    (["--data", "demo", "--pretrained", "{tmp}/missing.pth"], "missing.pth"),
+])
+def test_missing_data_or_weights_stop_a_run_before_its_folder_is_made(capsys, tmp_path, script, flags, message):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    experiments = tmp_path / "experiments"
+    fails_with(capsys, script, [*flags, "--subset", "8", "-j", "0", "--path_to_save", str(experiments)], message)
+    assert not experiments.exists() or not any(experiments.iterdir())
+
+
 def test_data_folder_without_train(capsys, tmp_path):
     (tmp_path / "val" / "cat").mkdir(parents=True)
     fails_with(capsys, ORIGINAL, ["--data", str(tmp_path), "--evaluate"], "no 'train' folder")

@@ -25,6 +25,7 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in names)
     assert json.loads((folder / "run_info.json").read_text())["args"]["weight_decay"] == 2.5
     log = (folder / "_log.txt").read_text()
+    assert f"loaded pretrained weights from {baseline}" in log  # logged before the folder existed
     zero, total = map(int, re.search(r"all: (\d+)/(\d+) zero filters", log).groups())
     assert 0 < zero < total
     assert re.search(r"compressed model: .* GMac, .* M params at 224x224 \((\d+\.\d)% of the MACs", log)
