@@ -210,26 +210,32 @@ class MuProbe:
         return scaler.get_scale() < scale_before
 
 
+def start_norms(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
+    """Norm of every pruning unit (a filter, or a ResNeXt conv group) by its first conv's name."""
+    return {members[0].name: unit_norms(members) for members in pruning_groups(model, scope)}
+
+
 def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scope: str,
-                num_classes: int) -> Mask:
+                num_classes: int, norms_at_start: dict[str, torch.Tensor]) -> Mask:
     """The mask that keeps the strongest filters, as many as fit in ``goal_macs``.
 
     Filters (ResNeXt: conv groups of a tied pair, as ``compute_mask``) are ranked
-    nonzero first (norm above the pruning threshold), then by root-mean-square weight
-    (so that layers with large filters are not favoured), and kept from the top; the
-    count is the largest whose compressed model has at most ``goal_macs`` MACs (MACs
-    only grow with it, so a bisection finds it). When the search zeroed more than the
-    budget asks, some zero filters are kept (exact); when fewer, the weakest nonzero
-    filters go too, and the compressed model's output changes (the search logs by how
-    much, and retraining recovers it).
+    nonzero first (norm above the pruning threshold), then by how much of their norm
+    at the start of the search (``norms_at_start``, from :func:`start_norms`) they
+    still have: the group lasso's own verdict, which raw norms would not give, since
+    layers differ in weight scale (and a BatchNorm after each conv makes that scale
+    irrelevant). They are kept from the top; the count is the largest whose compressed
+    model has at most ``goal_macs`` MACs (MACs only grow with it, so a bisection finds
+    it). When the search zeroed more than the budget asks, some zero filters are kept
+    (exact); when fewer, the filters that shrank most go too, and the compressed model's
+    output changes (the search logs by how much, and retraining recovers it).
     """
     groups = pruning_groups(model, scope)
     norms = [unit_norms(members) for members in groups]  # per unit: a filter, or a ResNeXt group
-    unit_sizes = [sum(member.conv.weight[0].numel() for member in members) * members[0].unit
-                  for members in groups]
     all_norms = torch.cat(norms)
-    root_mean_squares = torch.cat([norm / math.sqrt(size) for norm, size in zip(norms, unit_sizes)])
-    by_strength = torch.sort(root_mean_squares, descending=True, stable=True).indices
+    at_start = torch.cat([norms_at_start[members[0].name] for members in groups])
+    kept_share = all_norms / at_start.clamp_min(torch.finfo(at_start.dtype).tiny)
+    by_strength = torch.sort(kept_share, descending=True, stable=True).indices
     nonzero_first = torch.sort((all_norms > args.pruning_threshold)[by_strength].to(torch.int8),
                                descending=True, stable=True).indices
     order = by_strength[nonzero_first]

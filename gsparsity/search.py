@@ -14,7 +14,7 @@ import torch
 from proxsgd import ProxSGD, group_model_parameters
 
 from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
-                     target_macs)
+                     start_norms, target_macs)
 from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
@@ -72,6 +72,7 @@ class EpochEnd:
         self.run, self.scope = run, scope
         self.full_macs, self.full_params = full_macs, full_params
         self.goal_macs = target_macs(run.args.target_macs, full_macs) if run.args.target_macs else None
+        self.norms_at_start = run.extra_checkpoint.get("norms_at_start")
         self.check_batch = sample_batch(run.loaders.val.dataset, run.ctx.device) if run.ctx.is_main else None
 
     def __call__(self, epoch: int, val) -> None:
@@ -79,7 +80,8 @@ class EpochEnd:
         by_threshold = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
         mask = by_threshold
         if self.goal_macs is not None:
-            mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes)
+            mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes,
+                               self.norms_at_start)
         check_ranks_agree(mask, run.ctx)
         if not run.ctx.is_main:
             return
@@ -166,7 +168,9 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
                                     layer_adaptive=args.layer_adaptive, group=args.group)
     optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
                         normalization=args.normalization)
-    run = start_run(args, ctx, folder, model, optimizer, loaders)
+    # The budget's mask ranks filters by how much of these norms they keep; checkpoints carry them.
+    extra = {"norms_at_start": start_norms(model, scope)} if args.target_macs is not None else {}
+    run = start_run(args, ctx, folder, model, optimizer, loaders, extra_checkpoint=extra)
     if args.evaluate:
         evaluate_only(run)
         return

@@ -175,6 +175,9 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.start_epoch = int(checkpoint["epoch"])
     run.start_step = int(checkpoint.get("step", 0))  # older checkpoints: epoch ends only
     run.best_acc1 = float(checkpoint["best_acc1"])
+    for key in run.extra_checkpoint:  # the workflow's own records, as the run saved them
+        if key in checkpoint:
+            run.extra_checkpoint[key] = checkpoint[key]
     if checkpoint.get("rng"):
         restore_rng_state(checkpoint["rng"])
         run.resume_rng = checkpoint["rng"] if run.start_step else None

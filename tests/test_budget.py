@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from gsparsity.budget import (MuProbe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
-                              smallest_macs, target_macs)
+                              smallest_macs, start_norms, target_macs)
 from gsparsity.cli import build_parser
 from gsparsity.distributed import DistContext
 from gsparsity.errors import UserError
@@ -167,47 +167,47 @@ def planted(model, zero_filters: dict):
 
 
 def test_a_budget_the_zero_filters_meet_exactly_gives_the_threshold_mask(resnet18):
+    at_start = start_norms(resnet18, "conv12")
     model = planted(resnet18, {"layer1.0.conv1": [0, 1, 2], "layer3.1.conv1": list(range(100))})
     by_threshold = compute_mask(model)
     goal = mask_macs("resnet18", by_threshold, "conv12", 10)
-    mask = budget_mask(model, goal, search_args(), "conv12", 10)
+    mask = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
     assert all(torch.equal(mask[name], row) for name, row in by_threshold.items())
 
 
-def root_mean_squares(model, mask):
-    kept, pruned = [], []
-    for name, row in mask.items():
-        weight = model.get_submodule(name).weight.detach().flatten(1)
-        rms = weight.norm(dim=1) / weight.shape[1] ** 0.5
-        kept += rms[row].tolist()
-        pruned += rms[~row].tolist()
-    return kept, pruned
+def shrunk(model, factors: dict):
+    """What the group lasso does over a search: some filters keep only part of their norm."""
+    with torch.no_grad():
+        for name, (filters, factor) in factors.items():
+            model.get_submodule(name).weight[filters] *= factor
+    return model
 
 
-def test_a_tighter_budget_also_prunes_the_weakest_nonzero_filters(resnet18):
-    model = planted(resnet18, {"layer3.1.conv1": list(range(100))})
-    goal = round(0.6 * mask_macs("resnet18", compute_mask(model), "conv12", 10))
-    mask = budget_mask(model, goal, search_args(), "conv12", 10)
+def test_a_tighter_budget_also_prunes_the_filters_that_shrank_most_whatever_their_layer(resnet18):
+    at_start = start_norms(resnet18, "conv12")
+    # layer4's filters have the smallest weights from the start; the search shrank layer1's.
+    model = shrunk(planted(resnet18, {"layer3.1.conv1": list(range(100))}),
+                   {"layer1.0.conv1": (list(range(32)), 0.1), "layer1.1.conv1": (list(range(32)), 0.2)})
+    full = mask_macs("resnet18", compute_mask(model), "conv12", 10)
+    goal = round(0.9 * full)
+    mask = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal
     assert not mask["layer3.1.conv1"][:100].any()  # the zero filters go first
-    kept, pruned = root_mean_squares(model, mask)
-    nonzero_pruned = [value for value in pruned if value > 0]
-    assert nonzero_pruned and max(nonzero_pruned) <= min(kept)
-    # As many filters as fit: keeping the strongest pruned one as well would break the budget.
-    strongest_pruned = max(
-        ((name, index) for name, row in mask.items() for index in torch.nonzero(~row).flatten().tolist()),
-        key=lambda item: model.get_submodule(item[0]).weight[item[1]].norm()
-        / model.get_submodule(item[0]).weight[item[1]].numel() ** 0.5)
+    assert not mask["layer1.0.conv1"][:32].any()  # then those with 10% of their norm left
+    assert mask["layer4.0.conv1"].all() and mask["layer4.1.conv1"].all()  # small, but not shrunk
+    # As many filters as fit: keeping one more of those with 20% left would break the budget.
+    assert not mask["layer1.1.conv1"][:32].all()
     grown = {name: row.clone() for name, row in mask.items()}
-    grown[strongest_pruned[0]][strongest_pruned[1]] = True
+    grown["layer1.1.conv1"][torch.nonzero(~mask["layer1.1.conv1"]).flatten()[0]] = True
     assert mask_macs("resnet18", grown, "conv12", 10) > goal
 
 
 def test_a_looser_budget_keeps_some_zero_filters_and_every_nonzero_one(resnet18):
+    at_start = start_norms(resnet18, "conv12")
     model = planted(resnet18, {"layer2.0.conv1": list(range(128)), "layer3.1.conv1": list(range(256))})
     by_threshold = compute_mask(model)
     goal = 1.05 * mask_macs("resnet18", by_threshold, "conv12", 10)
-    mask = budget_mask(model, round(goal), search_args(), "conv12", 10)
+    mask = budget_mask(model, round(goal), search_args(), "conv12", 10, at_start)
     assert all(bool(mask[name][row].all()) for name, row in by_threshold.items())  # nonzero all kept
     assert sum(int(row.sum()) for row in mask.values()) > sum(int(row.sum()) for row in by_threshold.values())
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal
@@ -247,13 +247,22 @@ def test_a_target_out_of_reach_is_refused_in_one_line_before_any_folder(target, 
     assert not (tmp_path / "experiments").exists()
 
 
-def test_a_resumed_budget_search_goes_on_with_the_chosen_mu_without_probing_again(tmp_path):
-    flags = [*TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr", "--normalization", "none",
+def test_a_resumed_budget_search_goes_on_with_the_chosen_mu_without_probing_again(baseline, tmp_path):
+    # From trained weights: the resumed process starts from a fresh model, whose norms differ.
+    flags = [*TINY, "--pretrained", str(baseline), "--lr", "0.5", "--no-adaptive_lr", "--normalization", "none",
              "--target-macs", "60%", "--budget-steps", "2", "--budget-probes", "2"]
-    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))
-    folder = only_folder(tmp_path, "conv12_*")
+    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path / "stopped"))
+    folder = only_folder(tmp_path / "stopped", "conv12_*")
     chosen = json.loads((folder / "run_info.json").read_text())["budget"]["mu"]
     resumed = run_script("main_search_conv12.py", "--resume", str(folder), "--epochs", "2")
     assert "budget probe" not in resumed.stdout
     assert f"mu {chosen}," in resumed.stdout  # the "search with ProxSGD ..." line
     assert "epoch 1 budget: " in resumed.stdout
+    # The budget's mask ranks by the norms at the search's start, which the checkpoint keeps:
+    # the resumed run ends with the mask of a run that never stopped.
+    run_script("main_search_conv12.py", *flags, "--epochs", "2", "--path_to_save", str(tmp_path / "straight"))
+    straight = only_folder(tmp_path / "straight", "conv12_*")
+    mask_file = "mask_conv12_1e-06.json"
+    assert load_mask(folder / mask_file)[0].keys() == load_mask(straight / mask_file)[0].keys()
+    for name, row in load_mask(straight / mask_file)[0].items():
+        assert torch.equal(load_mask(folder / mask_file)[0][name], row), name
