@@ -7,24 +7,15 @@ import logging
 import torch
 
 from .complexity import count_macs_params, format_macs_params
-from .data import build_loaders
 from .distributed import DistContext
-from .experiment import open_experiment, start_logging, timestamp, write_run_info
-from .models import build_model, load_pretrained
-from .training import evaluate_only, fit, place_model, seed_everything, start_run
+from .experiment import open_experiment, timestamp, write_run_info
+from .training import data_and_starting_model, evaluate_only, fit, place_model, start_run
 
 log = logging.getLogger("gsparsity")
 
 
 def original(args: argparse.Namespace, ctx: DistContext) -> None:
-    if args.seed is not None:
-        seed_everything(args.seed)
-    start_logging(ctx)
-    # Everything that can refuse the input comes before the experiment folder is made.
-    loaders = build_loaders(args, ctx)
-    model = build_model(args.arch, loaders.num_classes)
-    if args.pretrained and not args.resume:
-        load_pretrained(model, args.pretrained, args.arch)
+    loaders, model = data_and_starting_model(args, ctx)
     folder = open_experiment(args, ctx, f"original_{args.arch}_{timestamp()}")
     model = place_model(model, args, ctx)
     macs, params = count_macs_params(model, 224)

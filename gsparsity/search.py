@@ -17,15 +17,13 @@ from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask,
                      start_norms, target_macs)
 from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
-from .data import build_loaders
 from .distributed import DistContext, all_reduce_sum
 from .errors import UserError
-from .experiment import open_experiment, start_logging, timestamp, write_run_info
+from .experiment import open_experiment, timestamp, write_run_info
 from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
-from .models import build_model, load_pretrained
 from .registry import DEFAULT_REGISTRY, register_experiment
 from .sparsity import sparsity_report
-from .training import Run, evaluate_only, fit, place_model, seed_everything, start_run
+from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
 
 log = logging.getLogger("gsparsity")
 CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
@@ -146,14 +144,8 @@ def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
 
 
 def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
-    if args.seed is not None:
-        seed_everything(args.seed)
-    start_logging(ctx)
-    # Everything that can refuse the input comes before the experiment folder is made.
-    loaders = build_loaders(args, ctx)
-    model = build_model(args.arch, loaders.num_classes)
-    if args.pretrained and not args.resume:
-        load_pretrained(model, args.pretrained, args.arch)
+    # Everything that can refuse the input (the target too) comes before the experiment folder.
+    loaders, model = data_and_starting_model(args, ctx)
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
     probing = args.target_macs is not None and not (args.resume or args.evaluate)

@@ -23,11 +23,12 @@ from torch import nn
 
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
                          restore_rng_state)
-from .data import Loaders, start_epoch
+from .data import Loaders, build_loaders, start_epoch
 from .distributed import DistContext, barrier
 from .engine import EpochMetrics, train_one_epoch, validate
 from .errors import UserError
-from .experiment import Scalars
+from .experiment import Scalars, start_logging
+from .models import build_model, load_pretrained
 from .stopping import Preempted, StepGuard, StopRequested
 
 log = logging.getLogger("gsparsity")
@@ -72,6 +73,21 @@ def seed_epoch(run: "Run", epoch: int, first_step: int = 0) -> None:
     start_epoch(run.loaders.train, epoch, run.args.seed, first_step)
     if first_step and run.resume_rng:
         restore_rng_state(run.resume_rng)
+
+
+def data_and_starting_model(args: argparse.Namespace, ctx: DistContext) -> tuple[Loaders, nn.Module]:
+    """The first steps of the search and of main_original.py: seed, console logging, the data
+    loaders and the unpruned model with its ``--pretrained`` weights (not on ``--resume``:
+    the checkpoint has them). Each can refuse the input, so they come before the experiment
+    folder is made."""
+    if args.seed is not None:
+        seed_everything(args.seed)
+    start_logging(ctx)
+    loaders = build_loaders(args, ctx)
+    model = build_model(args.arch, loaders.num_classes)
+    if args.pretrained and not args.resume:
+        load_pretrained(model, args.pretrained, args.arch)
+    return loaders, model
 
 
 def place_model(model: nn.Module, args: argparse.Namespace, ctx: DistContext) -> nn.Module:
