@@ -36,11 +36,11 @@ from proxsgd import ProxSGD, group_model_parameters
 from .complexity import count_macs_params
 from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
-from .engine import autocast, to_device
+from .engine import autocast, backward_and_step, to_device
 from .errors import UserError
 from .masks import Mask, compute_mask, round_kept_count, unit_norms
 from .pruned_resnet import build_pruned_resnet
-from .structure import pruning_groups
+from .structure import prunable_convs, pruning_groups
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
@@ -83,7 +83,8 @@ def mask_macs(arch: str, mask: Mask, scope: str, num_classes: int) -> int:
 
 def smallest_macs(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int) -> int:
     """MACs of the model with every prunable filter pruned: no mu can go below this."""
-    everything = {name: torch.ones_like(kept) for name, kept in compute_mask(model, 1.0, scope).items()}
+    everything = {prunable.name: torch.ones(prunable.conv.out_channels, dtype=torch.bool)
+                  for prunable in prunable_convs(model, scope)}
     mask = compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=everything)
     return mask_macs(args.arch, mask, scope, num_classes)
 
@@ -171,8 +172,9 @@ class MuProbe:
                 with autocast(self.ctx.device, args.amp):
                     loss = criterion(self.model(images), target)
                 optimizer.zero_grad(set_to_none=True)
-                skipped = self.backward_and_step(loss, optimizer, scaler)
-                if step >= counted_from and not skipped:
+                average = self.average_gradients if self.ctx.distributed else None
+                skipped = backward_and_step(loss, optimizer, scaler, before_step=average)
+                if step >= counted_from and not (skipped is not None and bool(skipped)):
                     counted += 1
                     for name, zero in optimizer.zero_prox_filters().items():
                         zero_counts[name] = zero_counts.get(name, 0) + zero.to(torch.int32)
@@ -189,25 +191,13 @@ class MuProbe:
         return result
 
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: ProxSGD,
-                          scaler: torch.amp.GradScaler | None) -> bool:
-        """One probe step, with gradients averaged over the processes as DistributedDataParallel
-        would (the model is not wrapped yet); True if the GradScaler skipped it."""
-        if scaler is not None:
-            loss = scaler.scale(loss)
-        loss.backward()
-        if self.ctx.distributed:
-            grads = [param.grad for param in self.model.parameters() if param.grad is not None]
-            flat = all_reduce_sum(torch.cat([grad.flatten() for grad in grads])).div_(self.ctx.world_size)
-            for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
-                grad.copy_(averaged.view_as(grad))
-        if scaler is None:
-            optimizer.step()
-            return False
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        return scaler.get_scale() < scale_before
+    def average_gradients(self) -> None:
+        """Average the gradients over the processes, as DistributedDataParallel would (the
+        model is not wrapped yet)."""
+        grads = [param.grad for param in self.model.parameters() if param.grad is not None]
+        flat = all_reduce_sum(torch.cat([grad.flatten() for grad in grads])).div_(self.ctx.world_size)
+        for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(averaged.view_as(grad))
 
 
 def start_norms(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
@@ -310,12 +300,12 @@ def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_cla
 
 
 def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader,
-              num_classes: int, full_macs: int) -> dict:
-    """Run the budget search; returns its record for run_info.json (``"mu"``: the choice).
+              num_classes: int, goal: int, full_macs: int) -> dict:
+    """Run the budget search for ``goal`` MACs (from :func:`check_target`); returns its record
+    for run_info.json (``"mu"``: the choice).
 
     Every process trains the probes on its part of the same global batches, gradients
     averaged as in the search, and takes rank 0's predictions."""
-    goal = check_target(model, args, scope, num_classes, full_macs)
     target_share = goal / full_macs
     if ctx.is_main:
         log.info(f"budget search: target {goal / 1e9:.3f} GMac ({100 * target_share:.1f}% of the MACs), "

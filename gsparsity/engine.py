@@ -94,14 +94,17 @@ def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+                      scaler: torch.amp.GradScaler | None,
+                      before_step: Callable[[], None] | None = None) -> torch.Tensor | None:
     """One update. With a GradScaler: a device flag, 1 if it skipped the step (inf/nan
-    gradients), read from its scale, which drops exactly then (no host sync)."""
+    gradients), read from its scale, which drops exactly then (no host sync).
+    ``before_step`` runs between the backward pass and the step (e.g. to average gradients)."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if before_step is not None:
+        before_step()
     if scaler is None:
-        loss.backward()
         optimizer.step()
         return None
-    scaler.scale(loss).backward()
     scaler.step(optimizer)
     # _get_scale_async: the scale as a device tensor; get_scale() would sync every step.
     scale_before = scaler._get_scale_async().clone()

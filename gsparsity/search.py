@@ -149,12 +149,11 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
     probing = args.target_macs is not None and not (args.resume or args.evaluate)
-    if probing:
-        check_target(model, args, scope, loaders.num_classes, full_macs)
+    goal = check_target(model, args, scope, loaders.num_classes, full_macs) if probing else None
     folder = open_experiment(args, ctx, experiment_name(args, scope))
     budget = None
     if probing:
-        budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, full_macs)
+        budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, goal, full_macs)
         args.weight_decay = budget["mu"]  # run_info.json keeps it, so --resume goes on with it
     groups = group_model_parameters(model, args.weight_decay, scope=scope,
                                     layer_adaptive=args.layer_adaptive, group=args.group)

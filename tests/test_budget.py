@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from gsparsity.budget import (MuProbe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
+from gsparsity.budget import (MuProbe, Probe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
                               smallest_macs, start_norms, target_macs)
 from gsparsity.cli import build_parser
 from gsparsity.distributed import DistContext
@@ -37,8 +37,6 @@ def test_nonsense_targets_are_refused(text):
 
 def exponential_share(mu: float):
     """A stand-in probe: the share of MACs kept falls smoothly as mu grows."""
-    from gsparsity.budget import Probe
-
     share = math.exp(-mu)
     return Probe(mu=mu, macs=round(1e9 * share), share=share)
 
