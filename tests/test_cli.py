@@ -39,6 +39,10 @@ def fails_with(capsys, script, argv, message):
     (["--register", "class"], "not a Python keyword"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
+    (["--target-macs", "150%"], "--target-macs as a share must be between 0% and 100%"),
+    (["--budget-steps", "1"], "--budget-steps must be >= 2"),
+    (["--budget-probes", "0"], "--budget-probes must be >= 1"),
+    (["--budget-tolerance", "-1"], "--budget-tolerance must be >= 0"),
 ])
 def test_search_refuses_nonsense_numbers(capsys, tmp_path, flags, message):
     fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path), *flags], message)
