@@ -81,5 +81,7 @@ def prepare(args) -> torch.device:
     """Apply a bench's --threads and --seed; the device it runs on (from --device)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the weights and batches only: cuDNN may pick its fastest algorithms
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the training scripts without --seed
     return torch.device(args.device)

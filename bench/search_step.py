@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
-from gsparsity.engine import autocast  # noqa: E402  (the training scripts' mixed precision)
+from gsparsity.engine import amp_dtype, autocast  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -64,7 +64,7 @@ def training_step(
     """
     criterion = nn.CrossEntropyLoss()
     device = images.device
-    scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype(device) == torch.float16 else None
 
     def optimizer_step() -> None:
         if scaler is None:

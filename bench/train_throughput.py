@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dummy", action="store_true",
                         help="synthetic data (required: the bench times the steps, not the data loading)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--amp", action="store_true", help="fp16 + GradScaler on CUDA, bf16 on CPU")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision as the scripts' --amp: bf16 where the device has it, else fp16")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)

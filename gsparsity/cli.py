@@ -71,7 +71,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("--path_to_save", default="experiments", metavar="DIR", help="where experiment folders go")
     add("--run_id", default=None, help="suffix of the experiment folder name")
     add("--image-size", default=224, type=int, help="train/val crop size (smaller for quick runs)")
-    add("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    add("--amp", action="store_true",
+        help="mixed precision: bf16 (CPU, GPUs from Ampere on), else fp16 with a GradScaler")
     add("--channels-last", action="store_true", help="channels_last memory format")
     add("--dummy", action="store_true", help="synthetic data (FakeData) instead of --data")
     add("--subset", default=None, type=int, metavar="N",

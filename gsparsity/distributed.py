@@ -119,6 +119,7 @@ def setup(args: argparse.Namespace, local_index: int | None = None) -> DistConte
             raise UserError(f"GPU {index} asked for, but only {torch.cuda.device_count()} visible")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
+        configure_cudnn(seeded=args.seed is not None)
     else:
         device = torch.device("cpu")
 
@@ -132,6 +133,14 @@ def setup(args: argparse.Namespace, local_index: int | None = None) -> DistConte
             **({"device_id": device} if device_type == "cuda" else {}),
         )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def configure_cudnn(seeded: bool) -> None:
+    """Let cuDNN time its convolution algorithms on the first batches and keep the fastest
+    (a run meets few batch shapes); with ``--seed``, deterministic algorithms instead, as
+    in pytorch/examples, at some cost in speed."""
+    torch.backends.cudnn.benchmark = not seeded
+    torch.backends.cudnn.deterministic = seeded
 
 
 def cleanup() -> None:

@@ -58,7 +58,9 @@ class MetricSums:
             loss.detach().double() * batch,
             hits[:, :1].sum().double(),
             hits.sum().double(),
-            torch.tensor(float(batch), dtype=torch.float64, device=target.device),
+            # torch.full, not torch.tensor: a fill on the device, not a copy from the host,
+            # which on CUDA waits for the GPU at every step.
+            torch.full((), batch, dtype=torch.float64, device=target.device),
         ])
         self.sums += update
 
@@ -73,11 +75,20 @@ class MetricSums:
         return total
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """What ``--amp`` computes in: bf16 where the device has it natively (CPUs, NVIDIA GPUs
+    from Ampere on), else fp16. bf16 keeps fp32's exponent range, so it needs no loss
+    scaling, and so no GradScaler, whose ``step`` reads a flag back from the GPU (a host
+    sync) at every step."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
 
 
 def progress(iterable: Iterable, ctx: DistContext, description: str, total: int) -> Iterable:

@@ -25,7 +25,7 @@ from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove
                          restore_rng_state)
 from .data import Loaders, build_loaders, start_epoch
 from .distributed import DistContext, barrier
-from .engine import EpochMetrics, train_one_epoch, validate
+from .engine import EpochMetrics, amp_dtype, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars, start_logging
 from .models import build_model, load_pretrained
@@ -111,9 +111,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
 
 
 def make_scaler(args: argparse.Namespace, ctx: DistContext) -> torch.amp.GradScaler | None:
-    """fp16 autocast on CUDA needs loss scaling; bf16 on CPU does not."""
-    if args.amp and ctx.device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
+    """fp16 autocast needs loss scaling; bf16 does not (see :func:`engine.amp_dtype`)."""
+    if args.amp and amp_dtype(ctx.device) == torch.float16:
+        return torch.amp.GradScaler(ctx.device.type)
     return None
 
 

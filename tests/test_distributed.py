@@ -1,7 +1,11 @@
 """Two CPU processes (torchrun, gloo) run the same search as one process would."""
 import re
 
+import pytest
+import torch
 from scripts import TINY, only_folder, run_script
+
+from gsparsity.distributed import configure_cudnn
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
@@ -40,3 +44,14 @@ def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
     assert "budget search: mu" in log and "mask agreed by all 2 processes" in log
     assert re.search(r"epoch 0 budget: [\d.]+ GMac \((\d+\.\d)% of the MACs\) for a target", log)
     assert "Traceback" not in double.stderr
+
+
+@pytest.mark.parametrize("seed", [None, 0])
+def test_cudnn_tunes_its_algorithms_unless_the_run_is_seeded(monkeypatch, seed):
+    """On a GPU: cuDNN's autotuner for speed; with --seed, its deterministic algorithms."""
+    # Set to the opposite first, and restored after the test.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", seed is not None)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", seed is None)
+    configure_cudnn(seeded=seed is not None)
+    assert torch.backends.cudnn.benchmark is (seed is None)
+    assert torch.backends.cudnn.deterministic is (seed is not None)

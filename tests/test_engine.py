@@ -1,0 +1,101 @@
+"""The training step: mixed precision, and no waiting on the device between print steps.
+
+On a GPU, a step that reads a value back (``.item()``, ``.tolist()``, ``bool(tensor)``) or
+copies a tensor made from Python data to the device waits until the GPU has caught up,
+and the GPU then idles while Python prepares the next step. This machine has no GPU, so
+the tests count those operations on the CPU, where the same code runs them.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet18
+
+from gsparsity import engine
+from gsparsity.distributed import DistContext
+from gsparsity.stopping import StepGuard
+from gsparsity.training import make_scaler
+from proxsgd import ProxSGD, group_model_parameters
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+FAKE_GPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+# What reads a value back from the device, and what makes a tensor from Python data.
+HOST_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the ops of HOST_OPS, and ``Tensor.tolist`` calls (which bypass dispatch)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.count = 0
+        original_tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor: torch.Tensor):
+            self.count += 1
+            return original_tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_traffic_of_an_epoch(steps: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Host reads and host-made tensors in one search epoch of ``steps`` steps, printing
+    and checking only at its end (as on a GPU with --print-freq larger than the epoch)."""
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3)
+    optimizer = ProxSGD(group_model_parameters(model, mu=0.01), lr=0.1, adaptive_lr=True,
+                        normalization="div")
+    batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 2])) for _ in range(steps)]
+    args = argparse.Namespace(channels_last=False, amp=False, print_freq=1000)
+    guard = StepGuard(CPU, check_every=1000)
+    with monkeypatch.context() as patch, HostTraffic(patch) as traffic:
+        engine.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, None, CPU, 0, args,
+                               guard=guard)
+    return traffic.count
+
+
+def test_a_training_step_never_waits_on_the_device(monkeypatch):
+    # The epoch's end reads its figures back once; the steps add nothing to that.
+    assert host_traffic_of_an_epoch(2, monkeypatch) == host_traffic_of_an_epoch(5, monkeypatch)
+
+
+def test_the_host_traffic_count_sees_a_per_step_read(monkeypatch):
+    """The counter itself: an .item() in the step shows up once per step."""
+    original = engine.MetricSums.add
+
+    def add_and_read(self, loss, output, target):
+        loss.item()
+        original(self, loss, output, target)
+
+    monkeypatch.setattr(engine.MetricSums, "add", add_and_read)
+    assert host_traffic_of_an_epoch(5, monkeypatch) - host_traffic_of_an_epoch(2, monkeypatch) == 3
+
+
+def test_amp_computes_in_bf16_on_cpu(monkeypatch):
+    assert engine.amp_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("gpu_has_bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_on_a_gpu_computes_in_bf16_where_it_has_it_else_fp16(monkeypatch, gpu_has_bf16, dtype):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_has_bf16)
+    assert engine.amp_dtype(torch.device("cuda", 0)) == dtype
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available")  # the scaler made for FAKE_GPU says so
+@pytest.mark.parametrize("gpu_has_bf16", [True, False])
+def test_a_grad_scaler_is_made_only_for_fp16(monkeypatch, gpu_has_bf16):
+    """Loss scaling is for fp16's narrow range; bf16 runs go without the scaler's sync."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_has_bf16)
+    amp = argparse.Namespace(amp=True)
+    assert make_scaler(amp, CPU) is None
+    assert make_scaler(argparse.Namespace(amp=False), FAKE_GPU) is None
+    assert isinstance(make_scaler(amp, FAKE_GPU), torch.amp.GradScaler) == (not gpu_has_bf16)
