@@ -80,7 +80,7 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     from Ampere on), else fp16. bf16 keeps fp32's exponent range, so it needs no loss
     scaling, and so no GradScaler, whose ``step`` reads a flag back from the GPU (a host
     sync) at every step."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):  # before Ampere
         return torch.float16
     return torch.bfloat16
 

@@ -84,9 +84,14 @@ def test_amp_computes_in_bf16_on_cpu(monkeypatch):
     assert engine.amp_dtype(torch.device("cpu")) == torch.bfloat16
 
 
+def pretend_gpu_generation(monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
+    """A GPU's compute capability: 8.0 (A100) has bf16, 7.0 (V100) does not."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if has_bf16 else (7, 0))
+
+
 @pytest.mark.parametrize("gpu_has_bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
 def test_amp_on_a_gpu_computes_in_bf16_where_it_has_it_else_fp16(monkeypatch, gpu_has_bf16, dtype):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_has_bf16)
+    pretend_gpu_generation(monkeypatch, gpu_has_bf16)
     assert engine.amp_dtype(torch.device("cuda", 0)) == dtype
 
 
@@ -94,7 +99,7 @@ def test_amp_on_a_gpu_computes_in_bf16_where_it_has_it_else_fp16(monkeypatch, gp
 @pytest.mark.parametrize("gpu_has_bf16", [True, False])
 def test_a_grad_scaler_is_made_only_for_fp16(monkeypatch, gpu_has_bf16):
     """Loss scaling is for fp16's narrow range; bf16 runs go without the scaler's sync."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_has_bf16)
+    pretend_gpu_generation(monkeypatch, gpu_has_bf16)
     amp = argparse.Namespace(amp=True)
     assert make_scaler(amp, CPU) is None
     assert make_scaler(argparse.Namespace(amp=False), FAKE_GPU) is None
