@@ -1,7 +1,8 @@
 """Eval latency of the full and the compressed ResNet, next to their MACs ratio.
 
     python bench/latency.py [--device cpu] [--batch-sizes 1 32] [--image-size 224] [--repeats 5]
-                            [--mask FILE] [--round-to 8] [--compile] [--jit] [--profile] [--threads N]
+                            [--mask FILE] [--round-to 8] [--compile] [--jit] [--amp] [--profile]
+                            [--threads N]
 
 Compressed models: always a random conv12 mask at about half the MACs (the keep
 ratio is found by trying a few with count_macs_params); with ``--round-to N`` also
@@ -17,6 +18,9 @@ Every model runs under ``torch.inference_mode`` in these forms:
              ``freezing`` (weights constant-folded and prepacked, conv+ReLU and
              add+ReLU fused); compiled once per batch size, compile time reported
   jit        (``--jit``) fused, traced, frozen and ``optimize_for_inference``
+  amp-cl     (``--amp``) fused-cl with weights and input in the scripts' ``--amp`` dtype
+             (bf16 on CPUs and GPUs from Ampere on, else fp16); with ``--compile`` also
+             ``amp-compiled``, that form compiled as above
 "inference" is the fastest of the fused forms. All models and forms of one batch
 size are timed interleaved in one run; medians of ``--repeats`` rounds.
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import command_line, environment_line, interleaved_medians, prepare, synchronize, timed  # noqa: E402
 from gsparsity.complexity import count_macs_params  # noqa: E402
+from gsparsity.engine import amp_dtype  # noqa: E402
 from gsparsity.inference import fuse_bn, inference_form  # noqa: E402
 from gsparsity.masks import Mask, compress_model, compute_mask, load_mask  # noqa: E402
 from gsparsity.structure import prunable_convs  # noqa: E402
@@ -48,7 +53,7 @@ from gsparsity.structure import prunable_convs  # noqa: E402
 TARGET_EFFICIENCY = 0.8  # latency speedup / MACs reduction factor, at batch 32 on CPU
 TARGET_BATCH = 32
 THRESHOLD = 1e-6  # compute_mask's default: the random pruned filters sit below it
-FUSED_FORMS = ("fused", "fused-cl", "compiled", "jit")
+FUSED_FORMS = ("fused", "fused-cl", "compiled", "jit", "amp-cl", "amp-compiled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the random mask rounded to multiples of N filters")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile (inductor, freezing) of the inference form")
+    parser.add_argument("--amp", action="store_true",
+                        help="also time the fused-cl form in bf16 (fp16 on GPUs before Ampere)")
     parser.add_argument("--jit", action="store_true", help="also time torch.jit freeze + optimize_for_inference")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top ops of the compressed model's inference form")
@@ -145,11 +152,11 @@ def jit_form(model: nn.Module, images: torch.Tensor) -> Callable[[torch.Tensor],
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
-def compiled_form(model: nn.Module, images: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """(channels_last inference form compiled by inductor with freezing, seconds the compile took)."""
+def compiled_form(form: nn.Module, images: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """(an inference form compiled by inductor with freezing, seconds the compile took)."""
     from torch._inductor import config as inductor_config  # imported here: only --compile needs it
 
-    compiled = torch.compile(inference_form(model, channels_last=True), dynamic=False)
+    compiled = torch.compile(form, dynamic=False)
     # freezing treats the weights as constants: folded, prepacked for oneDNN, fused with what follows.
     with inductor_config.patch(freezing=True):
         _, seconds = timed(lambda: compiled(images), images.device)  # the first call compiles
@@ -161,6 +168,7 @@ def candidates_for(
 ) -> tuple[dict[tuple[str, str], Callable[[], object]], dict[str, float]]:
     """({(model label, form): call running one batch}, {model label: compile seconds})."""
     channels_last_images = images.contiguous(memory_format=torch.channels_last)
+    amp_images = channels_last_images.to(amp_dtype(images.device))
     candidates, compile_seconds = {}, {}
     for label, model in models.items():
         fused = inference_form(model, channels_last=False)
@@ -169,8 +177,14 @@ def candidates_for(
         candidates[(label, "fused")] = lambda model=fused: model(images)
         candidates[(label, "fused-cl")] = lambda model=fused_cl: model(channels_last_images)
         if args.compile:
-            compiled, compile_seconds[label] = compiled_form(model, channels_last_images)
+            compiled, compile_seconds[label] = compiled_form(inference_form(model), channels_last_images)
             candidates[(label, "compiled")] = lambda model=compiled: model(channels_last_images)
+        if args.amp:
+            amp_cl = inference_form(model, channels_last=True).to(amp_images.dtype)
+            candidates[(label, "amp-cl")] = lambda model=amp_cl: model(amp_images)
+        if args.amp and args.compile:
+            compiled, compile_seconds[f"{label}, amp"] = compiled_form(amp_cl, amp_images)
+            candidates[(label, "amp-compiled")] = lambda model=compiled: model(amp_images)
         if args.jit:
             frozen = jit_form(model, images)
             candidates[(label, "jit")] = lambda model=frozen: model(images)
@@ -178,6 +192,10 @@ def candidates_for(
 
 
 # ------------------------------------------------------------------ the report
+
+
+def column_width(form: str) -> int:
+    return max(11, len(form) + 3)
 
 
 def report_batch(
@@ -192,17 +210,17 @@ def report_batch(
         f"batch {batch} at {args.image_size}x{args.image_size}: median ms per batch, "
         f"{args.repeats} interleaved rounds",
         f"{'model':<44} {'GMac':>5} {'MACs x':>6} "
-        + " ".join(f"{form + ' ms':>11}" for form in forms)
-        + f" {'plain spd':>9} {'infer spd':>9} {'infer form':>10} {'spd/MACs x':>10}",
+        + " ".join(f"{form + ' ms':>{column_width(form)}}" for form in forms)
+        + f" {'plain spd':>9} {'infer spd':>9} {'infer form':>12} {'spd/MACs x':>10}",
     ]
     for label in labels:
         reduction = macs[full_label] / macs[label]
         plain_speedup = medians[(full_label, "plain")] / medians[(label, "plain")]
         inference_speedup = best[full_label][0] / best[label][0]
-        times = " ".join(f"{medians[(label, form)] * 1e3:>11.1f}" for form in forms)
+        times = " ".join(f"{medians[(label, form)] * 1e3:>{column_width(form)}.1f}" for form in forms)
         lines.append(
             f"{label:<44} {macs[label] / 1e9:>5.2f} {reduction:>6.2f} {times} {plain_speedup:>9.2f} "
-            f"{inference_speedup:>9.2f} {best[label][1]:>10} {inference_speedup / reduction:>10.2f}"
+            f"{inference_speedup:>9.2f} {best[label][1]:>12} {inference_speedup / reduction:>10.2f}"
         )
     if batch == TARGET_BATCH:
         for label in labels[1:]:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU figures BENCHMARKS.md asks for, in two parts that each fit in 10 minutes on one
+# H100 (a lent GPU machine runs one command for at most that long):
+#
+#   bash bench/gpu.sh train     # optimizer step, search step, training img/s, a real search run
+#   bash bench/gpu.sh latency   # eval latency, full vs compressed, fp32 / channels_last / amp / compiled
+#
+# Output goes to the terminal and to RESULTS/gpu-<part>.txt, RESULTS being $RESULTS, else
+# $OUT (the device tool's folder that comes back), else bench-results/. The python is
+# $PYTHON, else python3; it needs this repository's requirements (ptflops included).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:-}
+if [ "$part" != train ] && [ "$part" != latency ]; then
+    echo "usage: bash bench/gpu.sh train|latency" >&2
+    exit 2
+fi
+results=${RESULTS:-${OUT:-bench-results}}
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$results"
+log="$results/gpu-$part.txt"
+
+step() {  # step TITLE COMMAND...: run one bench, its output in the log; go on if it fails
+    echo "== $1" | tee -a "$log"
+    shift
+    echo "\$ $*" | tee -a "$log"
+    "$@" 2>&1 | tee -a "$log"
+    echo "(exit status ${PIPESTATUS[0]})" | tee -a "$log"
+}
+
+: >"$log"
+case "$part" in
+train)
+    step "device" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    step "torch" "$python" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+    step "optimizer step" "$python" bench/optimizer_step.py --device cuda --repeats 50
+    step "search step, fp32" "$python" bench/search_step.py --device cuda --batch-size 256 --image-size 224
+    step "training img/s, amp + channels_last" "$python" bench/train_throughput.py --dummy --device cuda \
+        --amp --channels-last --batch-size 256 --image-size 224 --repeats 20
+    step "training img/s, fp32" "$python" bench/train_throughput.py --dummy --device cuda \
+        --batch-size 256 --image-size 224 --repeats 20
+    step "training img/s, amp + channels_last, torch.compile" "$python" bench/train_throughput.py --dummy \
+        --device cuda --amp --channels-last --batch-size 256 --image-size 224 --repeats 20 --compile
+    # The search script itself, data loading included (its log prints img/s and the data share).
+    runs=$(mktemp -d)
+    step "main_search_conv12.py on FakeData, amp + channels_last" "$python" main_search_conv12.py --dummy \
+        --device cuda --amp --channels-last -b 256 -j 12 --epochs 1 --subset 25600 --print-freq 20 \
+        --path_to_save "$runs"
+    rm -rf "$runs"
+    ;;
+latency)
+    step "latency, eager forms" "$python" bench/latency.py --device cuda --batch-sizes 1 32 256 \
+        --round-to 8 --amp --repeats 20 --warmup 3 --profile
+    step "latency, compiled forms" "$python" bench/latency.py --device cuda --batch-sizes 256 \
+        --round-to 8 --amp --compile --repeats 20 --warmup 3
+    ;;
+esac

@@ -1,0 +1,56 @@
+"""The bench scripts run, at toy sizes, and print the figures BENCHMARKS.md quotes.
+
+No timing is asserted here (this machine is shared and noisy): the figures themselves
+come from running the scripts at their default sizes, as BENCHMARKS.md shows.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from scripts import REPO
+
+RATIO = r"\d+\.\d+"
+
+
+def run_bench(*argv: str) -> str:
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
+    out = run_bench("bench/optimizer_step.py", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    assert re.search(rf"ProxSGD/Adam {RATIO}", out) and re.search(rf"ProxSGD/SGD  {RATIO}", out)
+
+
+def test_search_step_prints_the_step_ratio_and_its_verdict():
+    out = run_bench("bench/search_step.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1")
+    assert re.search(rf"ProxSGD step / SGD step {RATIO} \(target <= 1.05: (met|NOT MET)\)", out)
+
+
+def test_latency_prints_every_form_asked_for_and_the_target_verdict():
+    out = run_bench("bench/latency.py", "--batch-sizes", "32", "--image-size", "32", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--round-to", "8", "--amp")
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    for form in ("plain ms", "fused ms", "fused-cl ms", "amp-cl ms"):
+        assert form in header
+    rows = [line for line in out.splitlines() if line.startswith(("full resnet50", "random conv12"))]
+    assert len(rows) == 3  # full, random mask, the same rounded to multiples of 8
+    assert len(re.findall(rf"inference speedup / MACs reduction {RATIO} >= 0.8: (met|NOT MET)", out)) == 2
+
+
+def test_compress_prints_its_time_against_the_target():
+    out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1")
+    assert re.search(rf"resnet50 conv12: {RATIO} s .*target < 0.5 s", out)
+
+
+@pytest.mark.parametrize("part", ["", "nonsense"])
+def test_the_gpu_runner_refuses_a_part_it_does_not_know(part, tmp_path):
+    done = subprocess.run(["bash", "bench/gpu.sh", part], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "results")})
+    assert done.returncode == 2 and "usage: bash bench/gpu.sh train|latency" in done.stderr
+    assert not (tmp_path / "results").exists()
