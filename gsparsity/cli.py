@@ -74,6 +74,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("--amp", action="store_true",
         help="mixed precision: bf16 (CPU, GPUs from Ampere on), else fp16 with a GradScaler")
     add("--channels-last", action="store_true", help="channels_last memory format")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile the model for training and validation (each new batch shape compiles "
+             "once, tens of seconds on CPU; see BENCHMARKS.md for when it pays)")
     add("--dummy", action="store_true", help="synthetic data (FakeData) instead of --data")
     add("--subset", default=None, type=int, metavar="N",
         help="use only the first N train and N val images (quick runs and tests)")

@@ -33,7 +33,7 @@ EXIT_PROCESS_GROUP = 1
 RESUME_OVERRIDES = {
     "resume", "epochs", "workers", "print_freq", "device", "gpu", "dist_url", "dist_backend",
     "world_size", "rank", "dist_timeout", "register", "registry", "evaluate",
-    "checkpoint_every", "skip_nonfinite", "bad_images",
+    "checkpoint_every", "skip_nonfinite", "bad_images", "compile",
 }
 
 

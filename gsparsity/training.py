@@ -104,6 +104,15 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def compile_if_asked(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``torch.compile(model)`` with --compile. It shares the plain model's parameters, which
+    the optimizer, the masks and the checkpoints keep using. Static shapes: the last, smaller
+    batch of an epoch compiles its own graph once rather than making every graph dynamic."""
+    if not getattr(args, "compile", False):
+        return model
+    return torch.compile(model, dynamic=False)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
     if args.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
@@ -295,7 +304,8 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     """Wrap the pieces in a Run, resumed from the folder's checkpoint on --resume."""
     # Load first: a broken checkpoint must stop the run before anything is written.
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
-    run = Run(args=args, ctx=ctx, folder=folder, model=wrap_ddp(model, ctx), plain_model=model,
+    run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
+              plain_model=model,
               optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args, ctx),
               start_epoch=args.start_epoch, **extra)
