@@ -162,6 +162,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_module_states(module: torch.nn.Module) -> None:
+    """Give every process rank 0's parameters and buffers, in place. DDP does the same when
+    it wraps the model; the search needs it earlier, for its budget probes and start norms."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for tensor in module.state_dict().values():  # detached, sharing the parameters' storage
+        dist.broadcast(tensor, src=0)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the experiment folder name)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
                          restore_rng_state)
 from .data import Loaders, build_loaders, start_epoch
-from .distributed import DistContext, barrier
+from .distributed import DistContext, barrier, broadcast_module_states
 from .engine import EpochMetrics, amp_dtype, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars, start_logging
@@ -91,10 +91,12 @@ def data_and_starting_model(args: argparse.Namespace, ctx: DistContext) -> tuple
 
 
 def place_model(model: nn.Module, args: argparse.Namespace, ctx: DistContext) -> nn.Module:
-    """Move to the device (channels_last if asked); the caller wraps it with :func:`wrap_ddp`
-    after building the optimizer."""
+    """Move to the device (channels_last if asked) and give every process rank 0's weights;
+    the caller wraps it with :func:`wrap_ddp` after building the optimizer."""
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    return model.to(ctx.device, memory_format=memory_format)
+    model = model.to(ctx.device, memory_format=memory_format)
+    broadcast_module_states(model)
+    return model
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -35,8 +35,11 @@ def test_two_processes_report_the_same_validation_top1_as_one(baseline):
 
 def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
     # Each process probes on its own batches; were their mu to differ, their weights would
-    # diverge under DDP and the mask check at the epoch end would stop the run.
-    double = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr",
+    # diverge under DDP and the mask check at the epoch end would stop the run. Unseeded and
+    # not pretrained: each process draws its own starting weights, and rank 0's must win
+    # before the probes and the budget's start-of-search norms, not only once DDP wraps.
+    unseeded = TINY[: TINY.index("--seed")] + TINY[TINY.index("--seed") + 2:]
+    double = run_script("main_search_conv12.py", *unseeded, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr",
                         "--normalization", "none", "--target-macs", "70%", "--budget-steps", "2",
                         "--budget-probes", "3", "--path_to_save", str(tmp_path),
                         launcher=TORCHRUN, OMP_NUM_THREADS="1")
