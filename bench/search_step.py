@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
+from _timing import command_line, environment_line, interleaved_medians, prepare, synchronize, timed  # noqa: E402
 from gsparsity.engine import amp_dtype, autocast  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
@@ -56,11 +56,14 @@ def training_step(
     images: torch.Tensor,
     target: torch.Tensor,
     amp: bool = False,
-    optimizer_seconds: list[float] | None = None,
+    optimizer_seconds: list | None = None,
 ) -> Callable[[], None]:
     """One training step on a fixed batch, as the train loop runs it (GradScaler for fp16 AMP).
 
-    When ``optimizer_seconds`` is given, the time of each ``optimizer.step()`` is appended to it.
+    When ``optimizer_seconds`` is given, the time of each ``optimizer.step()`` is appended to
+    it: seconds on CPU; on CUDA a (start, end) pair of events, read by :func:`event_seconds`
+    after the run, since a synchronize around the step would keep the CPU from queueing the
+    optimizer's kernels while the backward pass still runs, as it does in training.
     """
     criterion = nn.CrossEntropyLoss()
     device = images.device
@@ -80,10 +83,21 @@ def training_step(
         (loss if scaler is None else scaler.scale(loss)).backward()
         if optimizer_seconds is None:
             optimizer_step()
+        elif device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            optimizer_step()
+            end.record()
+            optimizer_seconds.append((start, end))
         else:
             optimizer_seconds.append(timed(optimizer_step, device)[1])
 
     return step
+
+
+def event_seconds(times: list) -> list[float]:
+    """Seconds from what :func:`training_step` recorded (call after the device is synchronized)."""
+    return [entry if isinstance(entry, float) else entry[0].elapsed_time(entry[1]) / 1e3 for entry in times]
 
 
 def search_optimizer(model: nn.Module) -> ProxSGD:
@@ -131,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     medians = interleaved_medians(steps, args.repeats, args.warmup, device)
     # Only the timed steps' optimizer times: drop the warm-up ones.
-    optimizer_medians = {name: statistics.median(seconds[args.warmup:])
-                         for name, seconds in optimizer_seconds.items()}
+    synchronize(device)
+    optimizer_medians = {name: statistics.median(event_seconds(times)[args.warmup:])
+                         for name, times in optimizer_seconds.items()}
     print(report(medians, optimizer_medians, args))
     return 0
 

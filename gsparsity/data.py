@@ -260,6 +260,9 @@ def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
     if args.batch_size < ctx.world_size:
         raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
                         f"({ctx.world_size}); it is the global batch, split across them")
+    if len(val_set) < ctx.world_size:  # a process without a single batch would hang validation
+        raise UserError(f"the validation set has {len(val_set)} image(s), fewer than the {ctx.world_size} "
+                        f"processes: each needs at least one")
     per_process = args.batch_size // ctx.world_size
     seed = args.seed if args.seed is not None else 0
     # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.

@@ -73,12 +73,18 @@ def resolve_device_type(requested: str) -> str:
 
 
 def processes_to_spawn(args: argparse.Namespace) -> int:
-    """How many processes this node should spawn itself (1: run in this process)."""
+    """How many processes this node spawns itself, one per GPU (0: run in this process).
+    A node of a multi-node run (``--world-size`` > 1) spawns even for one GPU, so that it
+    joins the others rather than training alone."""
     if launched_by_torchrun() or args.gpu is not None:
-        return 1
+        return 0
     if resolve_device_type(args.device) != "cuda":
-        return 1
-    return torch.cuda.device_count()
+        if args.world_size > 1:
+            raise UserError(f"--world-size {args.world_size}: spawning one process per node needs GPUs; "
+                            f"on CPUs start every node with torchrun instead")
+        return 0
+    gpus = torch.cuda.device_count()
+    return gpus if gpus > 1 or args.world_size > 1 else 0
 
 
 def free_port() -> int:
@@ -94,7 +100,9 @@ def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     nodes = max(args.world_size, 1)
     args.node_rank = max(args.rank, 0)
-    args.world_size = nodes * gpus_per_node
+    # Not written into args.world_size: run_info.json keeps the flags as typed, and a
+    # resumed run would multiply the stored total again.
+    args.spawned_world_size = nodes * gpus_per_node
 
 
 def setup(args: argparse.Namespace, local_index: int | None = None) -> DistContext:
@@ -103,10 +111,13 @@ def setup(args: argparse.Namespace, local_index: int | None = None) -> DistConte
     if launched_by_torchrun():
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
+        if args.gpu is not None and world_size > 1:  # every process would take the same GPU
+            raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
+                            f"LOCAL_RANK; leave --gpu out")
     elif local_index is not None:  # spawned by this node, one process per GPU
         local_rank = local_index
         rank = args.node_rank * torch.cuda.device_count() + local_index
-        world_size = args.world_size
+        world_size = args.spawned_world_size
     else:
         rank, world_size, local_rank = 0, 1, 0
     if args.batch_size < world_size:  # refused by every process alike, before any of them waits

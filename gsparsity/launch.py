@@ -127,7 +127,7 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
             args = parse_args(kind, argv)
             validate_args(args, kind)
             processes = distributed.processes_to_spawn(args)
-            if processes > 1:
+            if processes:
                 distributed.prepare_spawn(args, processes)
                 spawn_workers(workflow, args, processes)
             else:

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
                          restore_rng_state)
 from .data import Loaders, build_loaders, start_epoch
-from .distributed import DistContext, barrier, broadcast_module_states
+from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
 from .engine import EpochMetrics, amp_dtype, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars, start_logging
@@ -149,12 +149,15 @@ def check_weights_finite(run: Run, epoch: int, step: int) -> None:
     """Refuse to go on (and to save) with nan/inf weights or BatchNorm statistics.
 
     A finite loss at step s only vouches for the weights before update s, so this is
-    checked before every save; every process checks its (identical) copy, so all stop."""
+    checked before every save. The processes agree on the verdict: their weights are the
+    same, but each keeps its own BatchNorm statistics, and all must stop together."""
     state = run.plain_model.state_dict()
     floating = {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
-    if torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).all():
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).all()
+    if not all_reduce_max((~finite).to(torch.int64).reshape(1)).item():
         return  # one host sync for the whole model
-    first = next(name for name, tensor in floating.items() if not torch.isfinite(tensor).all())
+    first = next((name for name, tensor in floating.items() if not torch.isfinite(tensor).all()),
+                 "on another process")
     raise UserError(f"the weights became nan or inf in epoch {epoch} by step {step} (e.g. {first}): "
                     f"lower --lr; nothing was saved, the last checkpoint is untouched")
 

@@ -69,6 +69,12 @@ def test_batch_smaller_than_process_count_is_refused():
         build_loaders(loader_args(batch_size=1), two_processes)
 
 
+def test_fewer_validation_images_than_processes_are_refused():
+    three_processes = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match="the validation set has 2 image.s., fewer than the 3 processes"):
+        build_loaders(loader_args(batch_size=6, subset=2), three_processes)
+
+
 def test_validation_shards_cover_every_image_exactly_once():
     shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))

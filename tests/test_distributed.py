@@ -1,11 +1,15 @@
-"""Two CPU processes (torchrun, gloo) run the same search as one process would."""
+"""Two CPU processes (torchrun, gloo) run the same search as one process would; how a
+launch decides on processes and devices."""
 import re
 
 import pytest
 import torch
 from scripts import TINY, only_folder, run_script
 
+from gsparsity import distributed, launch
 from gsparsity.distributed import configure_cudnn
+from gsparsity.errors import UserError
+from gsparsity.experiment import write_run_info
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
@@ -58,3 +62,43 @@ def test_cudnn_tunes_its_algorithms_unless_the_run_is_seeded(monkeypatch, seed):
     configure_cudnn(seeded=seed is not None)
     assert torch.backends.cudnn.benchmark is (seed is None)
     assert torch.backends.cudnn.deterministic is (seed is not None)
+
+
+def pretend_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("gpus, nodes, spawned", [(4, -1, 4), (1, -1, 0), (1, 2, 1), (0, -1, 0)])
+def test_a_plain_launch_spawns_one_process_per_gpu_and_joins_other_nodes_even_with_one(
+        monkeypatch, gpus, nodes, spawned):
+    pretend_gpus(monkeypatch, gpus)
+    args = launch.parse_args("original", ["--dummy", "--world-size", str(nodes)])
+    assert distributed.processes_to_spawn(args) == spawned
+
+
+def test_several_nodes_without_gpus_and_without_torchrun_are_refused(monkeypatch):
+    pretend_gpus(monkeypatch, 0)
+    args = launch.parse_args("original", ["--dummy", "--world-size", "2"])
+    with pytest.raises(UserError, match="on CPUs start every node with torchrun"):
+        distributed.processes_to_spawn(args)
+
+
+def test_a_resumed_spawned_run_asks_for_as_many_processes_as_it_first_had(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # prepare_spawn fills these in otherwise
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    first = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
+    distributed.prepare_spawn(first, gpus_per_node=4)
+    write_run_info(tmp_path, first, "main_original.py", {})
+    resumed = launch.parse_args("original", ["--resume", str(tmp_path)])
+    distributed.prepare_spawn(resumed, gpus_per_node=4)
+    assert first.spawned_world_size == resumed.spawned_world_size == 8
+    assert first.node_rank == resumed.node_rank == 1
+
+
+def test_gpu_is_refused_under_a_multi_process_torchrun(monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    args = launch.parse_args("original", ["--dummy", "--device", "cpu", "--gpu", "0"])
+    with pytest.raises(UserError, match="--gpu 0 under torchrun: each process uses the GPU of its LOCAL_RANK"):
+        distributed.setup(args)

@@ -31,7 +31,8 @@ from gsparsity.experiment import setup_logging
 from gsparsity.launch import main
 from gsparsity.registry import register_experiment
 from gsparsity.stopping import EXIT_PREEMPTED, StepGuard
-from gsparsity.training import BEST, CHECKPOINT, Run, fit, load_resume_checkpoint, start_run
+from gsparsity.training import (BEST, CHECKPOINT, Run, check_weights_finite, fit, load_resume_checkpoint,
+                                save_checkpoint, start_run)
 
 SEARCH = ("search", main_search_conv12.workflow)
 RETRAIN = ("retrain", main_reduce_retrain_conv12.workflow)
@@ -344,6 +345,39 @@ def test_steps_the_grad_scaler_skips_are_counted():
                                      args, guard=guard)
     assert metrics.scaler_skips == 2
     assert scaler.get_scale() == 2.0  # halved once per skipped step
+
+
+def test_nonfinite_weights_are_never_saved_and_the_message_names_them(tmp_path):
+    run = tiny_run(tmp_path / "run")
+    save_checkpoint(run, 0)
+    run.plain_model[1].running_var[2] = float("inf")
+    with pytest.raises(UserError, match=r"weights became nan or inf in epoch 1 by step 3 \(e.g. 1.running_var\)"):
+        save_checkpoint(run, 1, 3)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == 0
+
+
+def check_weights_in_a_group(rank: int, port: int, results: Path) -> None:
+    """One of two gloo processes: only rank 1's BatchNorm statistics are nan."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    if rank == 1:
+        model[1].running_mean[0] = float("nan")
+    try:
+        check_weights_finite(argparse.Namespace(plain_model=model), epoch=0, step=1)
+        verdict = "went on"
+    except UserError as error:
+        verdict = str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+    (results / f"rank{rank}.txt").write_text(verdict)
+
+
+def test_every_process_stops_when_one_has_nonfinite_batchnorm_statistics(tmp_path):
+    # BatchNorm statistics are per process under DDP; a process going on alone would wait
+    # in its next collective until the timeout.
+    torch.multiprocessing.spawn(check_weights_in_a_group, args=(free_port(), tmp_path), nprocs=2)
+    assert "(e.g. on another process)" in (tmp_path / "rank0.txt").read_text()
+    assert "(e.g. 1.running_mean)" in (tmp_path / "rank1.txt").read_text()
 
 
 def test_a_nan_loss_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
