@@ -56,7 +56,7 @@ def training_step(
     images: torch.Tensor,
     target: torch.Tensor,
     amp: bool = False,
-    optimizer_seconds: list | None = None,
+    optimizer_seconds: list[float | tuple[torch.cuda.Event, torch.cuda.Event]] | None = None,
 ) -> Callable[[], None]:
     """One training step on a fixed batch, as the train loop runs it (GradScaler for fp16 AMP).
 
@@ -95,7 +95,7 @@ def training_step(
     return step
 
 
-def event_seconds(times: list) -> list[float]:
+def event_seconds(times: list[float | tuple[torch.cuda.Event, torch.cuda.Event]]) -> list[float]:
     """Seconds from what :func:`training_step` recorded (call after the device is synchronized)."""
     return [entry if isinstance(entry, float) else entry[0].elapsed_time(entry[1]) / 1e3 for entry in times]
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     model = torchvision.models.resnet50(weights=None).to(device).train()
     images, target = synthetic_batch(args.batch_size, args.image_size, device)
     proxsgd_model, sgd_model = model, copy.deepcopy(model)
-    optimizer_seconds: dict[str, list[float]] = {"ProxSGD": [], "SGD": []}
+    optimizer_seconds: dict[str, list] = {"ProxSGD": [], "SGD": []}  # see training_step
     steps = {
         "ProxSGD": training_step(proxsgd_model, search_optimizer(proxsgd_model), images, target,
                                  optimizer_seconds=optimizer_seconds["ProxSGD"]),

@@ -76,6 +76,9 @@ def processes_to_spawn(args: argparse.Namespace) -> int:
     """How many processes this node spawns itself, one per GPU (0: run in this process).
     A node of a multi-node run (``--world-size`` > 1) spawns even for one GPU, so that it
     joins the others rather than training alone."""
+    if args.gpu is not None and args.world_size > 1 and not launched_by_torchrun():
+        raise UserError(f"--gpu {args.gpu} runs one process alone; with --world-size {args.world_size} "
+                        f"leave it out (each node spawns one process per GPU) or use torchrun")
     if launched_by_torchrun() or args.gpu is not None:
         return 0
     if resolve_device_type(args.device) != "cuda":

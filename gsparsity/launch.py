@@ -47,6 +47,11 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
         if ignored:
             raise UserError(f"--resume continues a run with its own settings; these flags cannot "
                             f"change: --{', --'.join(ignored)}")
+        if "node_rank" in stored and "spawned_world_size" not in stored and "world_size" not in typed:
+            # Until 2026-11-25 a spawned run stored its number of processes as --world-size.
+            raise UserError(f"--resume {args.resume}: this run spawned one process per GPU and its "
+                            f"run_info.json keeps their count as --world-size; give --world-size NODES "
+                            f"(1 for a single node) to continue it")
         for key, value in stored.items():
             if key not in typed and hasattr(args, key):
                 setattr(args, key, value)

@@ -112,6 +112,7 @@ def compile_if_asked(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     batch of an epoch compiles its own graph once rather than making every graph dynamic."""
     if not getattr(args, "compile", False):
         return model
+    log.info("the model goes through torch.compile (--compile): each new batch shape compiles once")
     return torch.compile(model, dynamic=False)
 
 
@@ -202,6 +203,9 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
+    elif checkpoint.get("scaler"):
+        log.info("the checkpoint's GradScaler state is not used: --amp on this device computes in bf16, "
+                 "which needs no loss scaling")
     run.start_epoch = int(checkpoint["epoch"])
     run.start_step = int(checkpoint.get("step", 0))  # older checkpoints: epoch ends only
     run.best_acc1 = float(checkpoint["best_acc1"])
@@ -310,8 +314,7 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     # Load first: a broken checkpoint must stop the run before anything is written.
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
-              plain_model=model,
-              optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
+              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args, ctx),
               start_epoch=args.start_epoch, **extra)
     if checkpoint is not None:

@@ -43,6 +43,13 @@ def test_latency_prints_every_form_asked_for_and_the_target_verdict():
     assert len(re.findall(rf"inference speedup / MACs reduction {RATIO} >= 0.8: (met|NOT MET)", out)) == 2
 
 
+def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_and_channels_last():
+    out = run_bench("bench/train_throughput.py", "--dummy", "--batch-size", "2", "--image-size", "32",
+                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--amp", "--channels-last")
+    assert "amp True, channels_last True" in out
+    assert re.search(rf"search eager +{RATIO} +{RATIO}", out) and re.search(rf"retrain eager +{RATIO} +{RATIO}", out)
+
+
 def test_compress_prints_its_time_against_the_target():
     out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1")
     assert re.search(rf"resnet50 conv12: {RATIO} s .*target < 0.5 s", out)

@@ -96,6 +96,32 @@ def test_a_resumed_spawned_run_asks_for_as_many_processes_as_it_first_had(tmp_pa
     assert first.node_rank == resumed.node_rank == 1
 
 
+def test_gpu_is_refused_with_several_nodes_without_torchrun(monkeypatch):
+    pretend_gpus(monkeypatch, 2)
+    args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--gpu", "1"])
+    with pytest.raises(UserError, match="--gpu 1 runs one process alone; with --world-size 2 leave it out"):
+        distributed.processes_to_spawn(args)
+
+
+def test_a_run_spawned_before_spawned_world_size_existed_asks_for_the_node_count(tmp_path):
+    old = launch.parse_args("original", ["--dummy"])
+    old.world_size, old.node_rank = 4, 0  # what prepare_spawn used to leave in the args
+    write_run_info(tmp_path, old, "main_original.py", {})
+    with pytest.raises(UserError, match="give --world-size NODES .1 for a single node. to continue it"):
+        launch.parse_args("original", ["--resume", str(tmp_path)])
+    assert launch.parse_args("original", ["--resume", str(tmp_path), "--world-size", "1"]).world_size == 1
+
+
+def test_a_process_on_a_gpu_sets_cudnn_up(monkeypatch):
+    pretend_gpus(monkeypatch, 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    ctx = distributed.setup(launch.parse_args("original", ["--dummy", "--device", "cuda"]))
+    assert ctx.device == torch.device("cuda", 0)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+
+
 def test_gpu_is_refused_under_a_multi_process_torchrun(monkeypatch):
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
         monkeypatch.setenv(name, value)

@@ -125,8 +125,9 @@ def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_
 def test_a_compiled_run_trains_what_an_eager_one_does_and_resumes_without_compiling(tmp_path):
     flags = [*TINY, "-a", "resnet18", "--epochs", "1"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_script("main_original.py", *flags, "--path_to_save", str(eager))
-    run_script("main_original.py", *flags, "--compile", "--path_to_save", str(compiled))
+    assert "torch.compile" not in run_script("main_original.py", *flags, "--path_to_save", str(eager)).stdout
+    assert "torch.compile (--compile)" in run_script("main_original.py", *flags, "--compile",
+                                                     "--path_to_save", str(compiled)).stdout
     expected = load_checkpoint(only_folder(eager, "original_*") / "checkpoint.pth.tar")["state_dict"]
     folder = only_folder(compiled, "original_*")
     actual = load_checkpoint(folder / "checkpoint.pth.tar")["state_dict"]
@@ -137,5 +138,5 @@ def test_a_compiled_run_trains_what_an_eager_one_does_and_resumes_without_compil
         if value.is_floating_point():
             assert (actual[key] - value).norm() <= 0.01 * value.norm(), key
     resumed = run_script("main_original.py", "--resume", str(folder), "--epochs", "2", "--no-compile")
-    assert "epoch 1 done" in resumed.stdout
+    assert "epoch 1 done" in resumed.stdout and "torch.compile" not in resumed.stdout
     assert json.loads((folder / "run_info.json").read_text())["args"]["compile"] is True
