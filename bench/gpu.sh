@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures BENCHMARKS.md asks for, in two parts that each fit in 10 minutes on one
-# H100 (a lent GPU machine runs one command for at most that long):
+# H100 (estimated):
 #
 #   bash bench/gpu.sh train     # optimizer step, search step, training img/s, a real search run
 #   bash bench/gpu.sh latency   # eval latency, full vs compressed, fp32 / channels_last / amp / compiled
 #
-# Output goes to the terminal and to RESULTS/gpu-<part>.txt, RESULTS being $RESULTS, else
-# $OUT (the device tool's folder that comes back), else bench-results/. The python is
-# $PYTHON, else python3; it needs this repository's requirements (ptflops included).
+# Output goes to the terminal and to $RESULTS/gpu-<part>.txt (default RESULTS:
+# bench-results/). The python is $PYTHON, else python3; it needs this repository's
+# requirements (ptflops included).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
@@ -15,7 +15,7 @@ if [ "$part" != train ] && [ "$part" != latency ]; then
     echo "usage: bash bench/gpu.sh train|latency" >&2
     exit 2
 fi
-results=${RESULTS:-${OUT:-bench-results}}
+results=${RESULTS:-bench-results}
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$results"
