@@ -13,7 +13,11 @@ written, atomically, and never over an existing file unless ``force`` is given.
 The checks use two batch sizes, the export's and one more, because the ONNX file has
 a dynamic batch axis and the TorchScript trace must not have frozen the batch size.
 
-Also a command: ``python export.py PATH [--format torchscript onnx] [--out DIR]``.
+With ``fuse_bn`` the files hold the model with every BatchNorm folded into its conv
+(:func:`gsparsity.inference.fuse_bn`, the inference form ``bench/latency.py`` times),
+still checked against the unfolded PyTorch model.
+
+Also a command: ``python export.py PATH [--format torchscript onnx] [--out DIR] [--fuse-bn]``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from torch import nn
 from .checkpoint import atomic_write_bytes, load_checkpoint
 from .errors import UserError
 from .experiment import RUN_INFO
+from .inference import fuse_bn
 from .masks import mask_from_record
 from .pruned_resnet import build_pruned_resnet
 from .registry import SMALL_MODEL_PATTERN
@@ -252,12 +257,13 @@ def _refuse_overwrite(paths: dict[str, Path]) -> None:
 
 def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FORMATS,
                             out_dir: str | os.PathLike | None = None, image_size: int = 224,
-                            batch_size: int = 1, force: bool = False) -> ExportResult:
+                            batch_size: int = 1, force: bool = False, fold_bn: bool = False) -> ExportResult:
     """Export the compressed model at ``path`` (see ``load_compressed_model``) in ``formats``.
 
     The files are ``<out_dir>/<checkpoint name>.torchscript.pt`` / ``.onnx``; ``out_dir``
     defaults to the checkpoint's folder. Raises ``ExportMismatch`` (and writes nothing)
     if an exported model deviates from PyTorch by more than ``RELATIVE_TOLERANCE``.
+    ``fold_bn`` exports the model with its BatchNorms folded into the convs.
     """
     check_formats(formats)
     formats = list(dict.fromkeys(formats))  # each once, in the order given
@@ -273,9 +279,10 @@ def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FO
     if not force:
         _refuse_overwrite(targets)  # before the slow part
     batches = random_batches(image_size, batch_size)
+    to_export = fuse_bn(model) if fold_bn else model  # checked against the unfolded model below
     exported, deviations = {}, []
     for export_format in formats:
-        exported[export_format] = export_bytes(model, export_format, batches[0])
+        exported[export_format] = export_bytes(to_export, export_format, batches[0])
         deviations += check_exported(model, export_format, exported[export_format], batches)
     failed = [deviation for deviation in deviations if not deviation.acceptable]
     if failed:
@@ -303,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224, help="side of the traced images (224)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch of the traced input (1); "
                                                                  "the ONNX batch axis is dynamic")
+    parser.add_argument("--fuse-bn", action="store_true", dest="fold_bn",
+                        help="fold every BatchNorm into its conv first (faster to run; same outputs)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     return parser
 
@@ -311,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = export_compressed_model(args.path, args.formats, args.out, args.image_size,
-                                         args.batch_size, args.force)
+                                         args.batch_size, args.force, args.fold_bn)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -319,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_MISMATCH)
     info = result.info
-    print(f"{info['arch']} ({info['scope']}, {info['num_classes']} classes) from {info['path']}")
+    folded = ", BatchNorm folded into the convs" if args.fold_bn else ""
+    print(f"{info['arch']} ({info['scope']}, {info['num_classes']} classes) from {info['path']}{folded}")
     print(f"checked against PyTorch on random {args.image_size}x{args.image_size} images:")
     for deviation in result.deviations:
         print(f"  {deviation.describe()}")

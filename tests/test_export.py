@@ -117,12 +117,28 @@ def test_export_checks_each_format_at_the_export_batch_and_one_more(exported):
 
 def test_command_writes_the_asked_format_and_prints_the_deviations(small_model_file, tmp_path, capsys):
     main([str(small_model_file), "--format", "torchscript", "--out", str(tmp_path),
-          "--image-size", str(IMAGE_SIZE)])
+          "--image-size", str(IMAGE_SIZE), "--fuse-bn"])
     printed = capsys.readouterr().out
+    assert "BatchNorm folded into the convs" in printed
     assert "torchscript, batch of 1: max abs deviation" in printed
     assert "torchscript, batch of 2: max abs deviation" in printed
     expected = small_model_file.name.replace(".pth.tar", ".torchscript.pt")
     assert [path.name for path in tmp_path.iterdir()] == [expected]
+
+
+def batch_norms_in(torchscript_file) -> int:
+    return sum("BatchNorm" in module.original_name for _, module in torch.jit.load(str(torchscript_file)).named_modules())
+
+
+def test_fuse_bn_writes_torchscript_without_batchnorm_that_computes_the_same(small_model_file, tmp_path):
+    for folder in ("plain", "folded"):
+        (tmp_path / folder).mkdir()
+    plain = export_compressed_model(small_model_file, ["torchscript"], tmp_path / "plain", IMAGE_SIZE, EXPORT_BATCH)
+    folded = export_compressed_model(small_model_file, ["torchscript"], tmp_path / "folded", IMAGE_SIZE,
+                                     EXPORT_BATCH, fold_bn=True)
+    assert batch_norms_in(plain.files["torchscript"]) > 0 and batch_norms_in(folded.files["torchscript"]) == 0
+    # Checked against the model as trained, BatchNorm and all.
+    assert all(deviation.relative <= RELATIVE_TOLERANCE for deviation in folded.deviations)
 
 
 def test_existing_output_is_kept_unless_forced(small_model_files, tmp_path):
