@@ -29,6 +29,13 @@ where s is the number of elements of one filter (summed over the group's params)
 A group with ``unit=k`` (ResNeXt's grouped convs) prunes k consecutive filters as one:
 "filter f" above is then filters f*k .. f*k+k-1 of every param.
 
+r is stored as ``second_moment`` times a Python float ``second_moment_scale`` c that
+follows beta**t: then its update is ONE pass over the tensor, s += (1 - beta) / (beta * c)
+* g**2 with c <- beta * c, instead of a multiply and an add, and the scale goes on the
+(F,) filter sums. Once beta * c falls below ``RESCALE_BELOW`` (every ~9,200 steps at
+beta 0.999, every step at beta 0), that step multiplies s back (c <- 1). A state
+without a scale (checkpoints written before it existed) holds r itself: c = 1.
+
 The step never synchronises with the device: no ``.item()``, no Python branching on
 tensor values. The moment updates run as multi-tensor ``torch._foreach_*`` ops over all
 parameters; everything per filter is a vectorised op on an (F,) vector. Full-size
@@ -51,6 +58,10 @@ GROUPINGS = ("filter", "channel")
 NOT_PRUNABLE = "not_prunable"
 # Layer-adaptive regularization: the middle stages get twice the gain (GSparsity paper).
 STAGE_GAIN = {"layer2": 2.0, "layer3": 2.0}
+# Smallest scale c of the stored second moment (see the module docstring): s grows as r / c,
+# so c >= 1e-4 keeps s within 1e4 of r, far from overflow in fp32, bf16 or fp64 (an fp16
+# moment is never scaled).
+RESCALE_BELOW = 1e-4
 
 
 class ProxSGD(torch.optim.Optimizer):
@@ -167,24 +178,22 @@ class ProxSGD(torch.optim.Optimizer):
     def _update_moments(self, active_groups: list[tuple[list[Tensor], list[Tensor]]]) -> None:
         """v and r of every active parameter, as few multi-tensor ops as possible."""
         # foreach ops take one scalar per call and want one device/dtype per list.
-        buckets: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = defaultdict(
+        buckets: dict[tuple, tuple[list[Tensor], list[Tensor], list[dict]]] = defaultdict(
             lambda: ([], [], [])
         )
         for group, (params, grads) in zip(self.param_groups, active_groups):
             for param, grad in zip(params, grads):
                 key = (param.device, param.dtype, group["momentum"], group["beta"], group["adaptive_lr"])
-                bucket_grads, velocities, second_moments = buckets[key]
+                bucket_grads, velocities, states = buckets[key]
                 state = self.state[param]
                 bucket_grads.append(grad)
                 velocities.append(state["velocity"])
-                if group["adaptive_lr"]:
-                    second_moments.append(state["second_moment"])
+                states.append(state)
         for (_device, _dtype, momentum, beta, adaptive_lr), bucket in buckets.items():
-            bucket_grads, velocities, second_moments = bucket
+            bucket_grads, velocities, states = bucket
             torch._foreach_lerp_(velocities, bucket_grads, momentum)
             if adaptive_lr:
-                torch._foreach_mul_(second_moments, beta)
-                torch._foreach_addcmul_(second_moments, bucket_grads, bucket_grads, value=1.0 - beta)
+                _update_second_moments(states, bucket_grads, beta)
 
     def _filter_tau(self, group: dict[str, Any], params: list[Tensor]) -> Tensor | None:
         """tau_f of the filters shared by ``params``, shape (F,); None means tau = 1."""
@@ -196,8 +205,8 @@ class ProxSGD(torch.optim.Optimizer):
         for param in params:
             state = self.state[param]
             root = torch.sqrt(state["second_moment"], out=self._scratch_like(param))
-            # Bias correction goes on the (F,) sums, not on the whole r tensor.
-            scale = _bias_correction(group["beta"], state["step"]) / filter_size
+            # Bias correction and the moment's scale go on the (F,) sums, not on the whole tensor.
+            scale = _root_scale(state, group["beta"]) / filter_size
             row_mean = _rows(root, unit).sum(dim=1).mul_(scale)
             root_mean = row_mean if root_mean is None else root_mean.add_(row_mean)
         return root_mean.add_(group["delta"])
@@ -223,7 +232,7 @@ class ProxSGD(torch.optim.Optimizer):
         """x <- x - lr * v / tau with tau = sqrt(r / (1 - beta**t)) + delta, element by element."""
         states = [self.state[param] for param in params]
         taus = torch._foreach_sqrt([state["second_moment"] for state in states])
-        torch._foreach_mul_(taus, [_bias_correction(group["beta"], state["step"]) for state in states])
+        torch._foreach_mul_(taus, [_root_scale(state, group["beta"]) for state in states])
         torch._foreach_add_(taus, group["delta"])
         torch._foreach_addcdiv_(params, [state["velocity"] for state in states], taus, value=-group["lr"])
 
@@ -358,9 +367,31 @@ def _filter_size(params: list[Tensor], unit: int = 1) -> int:
     return unit * sum(param.numel() // (param.shape[0] if param.dim() else 1) for param in params)
 
 
-def _bias_correction(beta: float, step: int) -> float:
-    """1 / sqrt(1 - beta**t): turns sqrt(r) into sqrt(r / (1 - beta**t))."""
-    return 1.0 / math.sqrt(1.0 - beta**step)
+def _update_second_moments(states: list[dict[str, Any]], grads: list[Tensor], beta: float) -> None:
+    """r <- beta * r + (1 - beta) * g**2 for each state, r = second_moment * second_moment_scale:
+    one pass where the scale may shrink further, two (the plain update, c back to 1) where not."""
+    one_pass: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    rescaled: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for state, grad in zip(states, grads):
+        scale = state.get("second_moment_scale", 1.0)
+        wide = torch.finfo(state["second_moment"].dtype).max > 1e30  # not fp16: s may be 1e4 * r
+        batch = one_pass if wide and beta * scale >= RESCALE_BELOW else rescaled
+        moments, moment_grads = batch[scale]  # states that stepped together share their scale
+        moments.append(state["second_moment"])
+        moment_grads.append(grad)
+        state["second_moment_scale"] = beta * scale if batch is one_pass else 1.0
+    for scale, (moments, moment_grads) in one_pass.items():
+        # r' = beta*c*s + (1-beta)*g**2 = (beta*c) * (s + (1-beta)/(beta*c) * g**2)
+        torch._foreach_addcmul_(moments, moment_grads, moment_grads, value=(1.0 - beta) / (beta * scale))
+    for scale, (moments, moment_grads) in rescaled.items():
+        torch._foreach_mul_(moments, beta * scale)
+        torch._foreach_addcmul_(moments, moment_grads, moment_grads, value=1.0 - beta)
+
+
+def _root_scale(state: dict[str, Any], beta: float) -> float:
+    """sqrt(r / (1 - beta**t)) = sqrt(second_moment) * this: the moment's scale and the bias
+    correction in one factor."""
+    return math.sqrt(state["second_moment_scale"] / (1.0 - beta ** state["step"]))
 
 
 def _normalization_factor(normalization: str | None, filter_size: int) -> float:

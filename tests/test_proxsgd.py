@@ -165,6 +165,39 @@ def test_prunable_and_not_prunable_groups_together_match_the_equations():
             torch.testing.assert_close(got_param.detach(), expected_param, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_the_stored_second_moment_is_rescaled_without_leaving_the_equations(beta):
+    """r is kept as second_moment * second_moment_scale; at beta 0.5 the scale falls under
+    RESCALE_BELOW every 14 steps and is folded back, at beta 0 at every step."""
+    torch.manual_seed(8)
+    groups = [(random_params("coupled"), 0.02), (random_params("single"), None)]
+    hyper = dict(lr=0.2, momentum=0.9, delta=1e-6, beta=beta, adaptive_lr=True, normalization="div")
+    got, expected, _ = run_both(groups, steps=40, **hyper)
+    for got_group, expected_group in zip(got, expected):
+        for got_param, expected_param in zip(got_group, expected_group):
+            torch.testing.assert_close(got_param.detach(), expected_param, rtol=1e-12, atol=1e-12)
+
+
+def test_a_state_without_a_moment_scale_holds_r_itself_as_older_checkpoints_do():
+    params, groups = two_group_setup(seed=9)
+    optimizer = ProxSGD(groups, **HYPER)
+    grads = grads_for(params, 6)
+    apply_steps(optimizer, params, grads[:3])
+    old_state = copy.deepcopy(optimizer.state_dict())
+    for param_state in old_state["state"].values():  # r itself, and no scale
+        param_state["second_moment"] *= param_state.pop("second_moment_scale")
+    resumed_params, resumed_groups = two_group_setup(seed=9)
+    with torch.no_grad():
+        for resumed, original in zip(resumed_params, params):
+            resumed.copy_(original)
+    resumed_optimizer = ProxSGD(resumed_groups, **HYPER)
+    resumed_optimizer.load_state_dict(old_state)
+    apply_steps(optimizer, params, grads[3:])
+    apply_steps(resumed_optimizer, resumed_params, grads[3:])
+    for resumed, original in zip(resumed_params, params):
+        torch.testing.assert_close(resumed, original, rtol=1e-6, atol=1e-7)  # float32: r = c * s rounds
+
+
 def conv_and_bn_params() -> list[nn.Parameter]:
     conv = nn.Conv2d(3, 4, 3, bias=False)
     bn = nn.BatchNorm2d(4)
