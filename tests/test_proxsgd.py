@@ -178,26 +178,6 @@ def test_the_stored_second_moment_is_rescaled_without_leaving_the_equations(beta
             torch.testing.assert_close(got_param.detach(), expected_param, rtol=1e-12, atol=1e-12)
 
 
-def test_a_state_without_a_moment_scale_holds_r_itself_as_older_checkpoints_do():
-    params, groups = two_group_setup(seed=9)
-    optimizer = ProxSGD(groups, **HYPER)
-    grads = grads_for(params, 6)
-    apply_steps(optimizer, params, grads[:3])
-    old_state = copy.deepcopy(optimizer.state_dict())
-    for param_state in old_state["state"].values():  # r itself, and no scale
-        param_state["second_moment"] *= param_state.pop("second_moment_scale")
-    resumed_params, resumed_groups = two_group_setup(seed=9)
-    with torch.no_grad():
-        for resumed, original in zip(resumed_params, params):
-            resumed.copy_(original)
-    resumed_optimizer = ProxSGD(resumed_groups, **HYPER)
-    resumed_optimizer.load_state_dict(old_state)
-    apply_steps(optimizer, params, grads[3:])
-    apply_steps(resumed_optimizer, resumed_params, grads[3:])
-    for resumed, original in zip(resumed_params, params):
-        torch.testing.assert_close(resumed, original, rtol=1e-6, atol=1e-7)  # float32: r = c * s rounds
-
-
 def conv_and_bn_params() -> list[nn.Parameter]:
     conv = nn.Conv2d(3, 4, 3, bias=False)
     bn = nn.BatchNorm2d(4)
@@ -357,6 +337,17 @@ def apply_steps(optimizer, params, grads):
         optimizer.step()
 
 
+def resumed_from(params, state):
+    """A fresh ProxSGD on a copy of ``params`` that loads ``state``, as a resumed run does."""
+    resumed_params, resumed_groups = two_group_setup(seed=99)  # different start, overwritten below
+    with torch.no_grad():
+        for resumed, original in zip(resumed_params, params):
+            resumed.copy_(original)
+    resumed_optimizer = ProxSGD(resumed_groups, **HYPER)
+    resumed_optimizer.load_state_dict(state)
+    return resumed_params, resumed_optimizer
+
+
 @pytest.mark.parametrize("through_file", [False, True])
 def test_resuming_from_state_dict_continues_bit_identically(through_file):
     params, groups = two_group_setup(seed=6)
@@ -371,17 +362,26 @@ def test_resuming_from_state_dict_continues_bit_identically(through_file):
         torch.save(optimizer.state_dict(), buffer)
         buffer.seek(0)
         state = torch.load(buffer, weights_only=True)
-    resumed_params, resumed_groups = two_group_setup(seed=99)  # different start, overwritten below
-    with torch.no_grad():
-        for resumed, original in zip(resumed_params, params):
-            resumed.copy_(original)
-    resumed_optimizer = ProxSGD(resumed_groups, **HYPER)
-    resumed_optimizer.load_state_dict(state)
-
+    resumed_params, resumed_optimizer = resumed_from(params, state)
     apply_steps(optimizer, params, grads[3:])
     apply_steps(resumed_optimizer, resumed_params, grads[3:])
     for resumed, original in zip(resumed_params, params):
         assert torch.equal(resumed, original)
+
+
+def test_a_state_without_a_moment_scale_holds_r_itself_as_older_checkpoints_do():
+    params, groups = two_group_setup(seed=9)
+    optimizer = ProxSGD(groups, **HYPER)
+    grads = grads_for(params, 6)
+    apply_steps(optimizer, params, grads[:3])
+    old_state = copy.deepcopy(optimizer.state_dict())
+    for param_state in old_state["state"].values():  # r itself, and no scale
+        param_state["second_moment"] *= param_state.pop("second_moment_scale")
+    resumed_params, resumed_optimizer = resumed_from(params, old_state)
+    apply_steps(optimizer, params, grads[3:])
+    apply_steps(resumed_optimizer, resumed_params, grads[3:])
+    for resumed, original in zip(resumed_params, params):
+        torch.testing.assert_close(resumed, original, rtol=1e-6, atol=1e-7)  # float32: r = c * s rounds
 
 
 def test_step_counter_is_saved_as_a_plain_int():
