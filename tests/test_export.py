@@ -130,6 +130,7 @@ def batch_norms_in(torchscript_file) -> int:
     return sum("BatchNorm" in module.original_name for _, module in torch.jit.load(str(torchscript_file)).named_modules())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # TorchScript is what is tested
 def test_fuse_bn_writes_torchscript_without_batchnorm_that_computes_the_same(small_model_file, tmp_path):
     for folder in ("plain", "folded"):
         (tmp_path / folder).mkdir()
