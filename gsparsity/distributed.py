@@ -111,42 +111,52 @@ def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> None:
 def setup(args: argparse.Namespace, local_index: int | None = None) -> DistContext:
     """Join the process group (if any) and pick this process's device."""
     device_type = resolve_device_type(args.device)
-    if launched_by_torchrun():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if args.gpu is not None and world_size > 1:  # every process would take the same GPU
-            raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
-                            f"LOCAL_RANK; leave --gpu out")
-    elif local_index is not None:  # spawned by this node, one process per GPU
-        local_rank = local_index
-        rank = args.node_rank * torch.cuda.device_count() + local_index
-        world_size = args.spawned_world_size
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    rank, world_size, local_rank = process_place(args, local_index)
     if args.batch_size < world_size:  # refused by every process alike, before any of them waits
         raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
                         f"({world_size}); it is the global batch, split across them")
-
-    if device_type == "cuda":
-        index = args.gpu if args.gpu is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise UserError(f"GPU {index} asked for, but only {torch.cuda.device_count()} visible")
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-        configure_cudnn(seeded=args.seed is not None)
-    else:
-        device = torch.device("cpu")
-
+    device = claim_device(args, device_type, local_rank)
     if world_size > 1:
-        backend = args.dist_backend
-        if backend == "auto":
-            backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=args.dist_timeout),
-            **({"device_id": device} if device_type == "cuda" else {}),
-        )
+        join_process_group(args, device, rank, world_size)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def process_place(args: argparse.Namespace, local_index: int | None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process: from torchrun's environment, from
+    this node's spawning, or a lone process."""
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if args.gpu is not None and world_size > 1:  # every process would take the same GPU
+            raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
+                            f"LOCAL_RANK; leave --gpu out")
+        return rank, world_size, int(os.environ["LOCAL_RANK"])
+    if local_index is not None:  # spawned by this node, one process per GPU
+        return args.node_rank * torch.cuda.device_count() + local_index, args.spawned_world_size, local_index
+    return 0, 1, 0
+
+
+def claim_device(args: argparse.Namespace, device_type: str, local_rank: int) -> torch.device:
+    """The CPU, or the GPU of ``--gpu`` / the local rank, made current and set up for cuDNN."""
+    if device_type != "cuda":
+        return torch.device("cpu")
+    index = args.gpu if args.gpu is not None else local_rank
+    if index >= torch.cuda.device_count():
+        raise UserError(f"GPU {index} asked for, but only {torch.cuda.device_count()} visible")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    configure_cudnn(seeded=args.seed is not None)
+    return device
+
+
+def join_process_group(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> None:
+    backend = args.dist_backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(minutes=args.dist_timeout),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
 
 
 def configure_cudnn(seeded: bool) -> None:
