@@ -163,17 +163,22 @@ class ProxSGD(torch.optim.Optimizer):
         return params, grads
 
     def _scratch_like(self, tensor: Tensor) -> Tensor:
-        """A reused contiguous buffer shaped like ``tensor``, its content undefined.
+        """A reused buffer shaped and laid out like ``tensor`` (channels_last too), its
+        content undefined.
 
         Large temporaries allocated afresh every step cost more than the arithmetic
-        on them (page faults on CPU), so the step writes them here instead.
+        on them (page faults on CPU), so the step writes them here instead. The same
+        layout as the parameter keeps the elementwise ops on their fast path.
         """
         key = (tensor.device, tensor.dtype)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < tensor.numel():
             buffer = torch.empty(tensor.numel(), device=tensor.device, dtype=tensor.dtype)
             self._scratch[key] = buffer
-        return buffer[: tensor.numel()].view(tensor.shape)
+        scratch = buffer[: tensor.numel()]
+        if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+            return scratch.as_strided(tensor.shape, tensor.stride())
+        return scratch.view(tensor.shape)
 
     def _update_moments(self, active_groups: list[tuple[list[Tensor], list[Tensor]]]) -> None:
         """v and r of every active parameter, as few multi-tensor ops as possible."""
@@ -207,7 +212,7 @@ class ProxSGD(torch.optim.Optimizer):
             root = torch.sqrt(state["second_moment"], out=self._scratch_like(param))
             # Bias correction and the moment's scale go on the (F,) sums, not on the whole tensor.
             scale = _root_scale(state, group["beta"]) / filter_size
-            row_mean = _rows(root, unit).sum(dim=1).mul_(scale)
+            row_mean = _rows(root, unit).sum(dim=_row_dims(root)).mul_(scale)
             root_mean = row_mean if root_mean is None else root_mean.add_(row_mean)
         return root_mean.add_(group["delta"])
 
@@ -246,7 +251,7 @@ class ProxSGD(torch.optim.Optimizer):
                 torch.sub(param, velocity, out=trial)
             else:
                 torch.addcdiv(param, velocity, _as_column(tau, param, unit), value=-1, out=trial)
-            row_norms.append(torch.linalg.vector_norm(_rows(trial, unit), dim=1))
+            row_norms.append(torch.linalg.vector_norm(_rows(trial, unit), dim=_row_dims(trial)))
         if len(row_norms) == 1:
             return row_norms[0]
         return torch.linalg.vector_norm(torch.stack(row_norms), dim=0)
@@ -348,9 +353,18 @@ def _check_prunable_params(group: dict[str, Any]) -> None:
 
 
 def _rows(tensor: Tensor, unit: int = 1) -> Tensor:
-    """``tensor`` as (F / unit, -1): one row per filter, or per ``unit`` consecutive filters
+    """``tensor`` with its first dimension split into (F / unit, unit): a view whatever its
+    layout (a reshape to (F, -1) would copy a channels_last weight). Reduced over
+    :func:`_row_dims`, it gives one figure per filter, or per ``unit`` consecutive filters
     (a 0-dim tensor is one filter)."""
-    return tensor.reshape(tensor.shape[0] // unit if tensor.dim() else 1, -1)
+    if tensor.dim() == 0:
+        return tensor.reshape(1, 1)
+    return tensor.view(tensor.shape[0] // unit, unit, *tensor.shape[1:])
+
+
+def _row_dims(tensor: Tensor) -> tuple[int, ...]:
+    """The dimensions of ``_rows(tensor)`` that one filter (or unit) spans."""
+    return tuple(range(1, max(tensor.dim(), 1) + 1))
 
 
 def _as_column(per_filter: Tensor, like: Tensor, unit: int = 1) -> Tensor:
