@@ -36,6 +36,8 @@ train)
     step "torch" "$python" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
     step "optimizer step" "$python" bench/optimizer_step.py --device cuda --repeats 50
     step "search step, fp32" "$python" bench/search_step.py --device cuda --batch-size 256 --image-size 224
+    step "search step, amp + channels_last" "$python" bench/search_step.py --device cuda --batch-size 256 \
+        --image-size 224 --amp --channels-last
     step "training img/s, amp + channels_last" "$python" bench/train_throughput.py --dummy --device cuda \
         --amp --channels-last --batch-size 256 --image-size 224 --repeats 20
     step "training img/s, fp32" "$python" bench/train_throughput.py --dummy --device cuda \

@@ -1,6 +1,7 @@
 """Time one search training step with ProxSGD against the same step with plain SGD.
 
-    python bench/search_step.py [--batch-size 32] [--image-size 64] [--device cpu] [--repeats 10]
+    python bench/search_step.py [--batch-size 32] [--image-size 64] [--device cpu] [--repeats 30]
+                                [--amp] [--channels-last]
 
 A step is what the search's train loop does per batch: forward, loss, zero_grad,
 backward, optimizer step, on a ResNet-50 in train mode. ProxSGD is set up as the
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision as the scripts' --amp: bf16 where the device has it, else fp16")
+    parser.add_argument("--channels-last", action="store_true", help="model and batch in channels_last")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -117,8 +121,9 @@ def report(medians: dict[str, float], optimizer_medians: dict[str, float], args:
     lines = [
         f"command: {command_line()}",
         environment_line(args.device),
-        f"resnet50, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up",
+        f"resnet50, batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
+        f"channels_last {args.channels_last}; median of {args.repeats} interleaved steps after "
+        f"{args.warmup} warm-up",
         f"{'optimizer':<9} {'ms/step':>9} {'img/s':>8} {'of which optimizer.step ms':>27}",
     ]
     for name, seconds in medians.items():
@@ -132,16 +137,18 @@ def report(medians: dict[str, float], optimizer_medians: dict[str, float], args:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = prepare(args)
-    model = torchvision.models.resnet50(weights=None).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = torchvision.models.resnet50(weights=None).to(device, memory_format=memory_format).train()
     images, target = synthetic_batch(args.batch_size, args.image_size, device)
+    images = images.contiguous(memory_format=memory_format)
     proxsgd_model, sgd_model = model, copy.deepcopy(model)
     optimizer_seconds: dict[str, list] = {"ProxSGD": [], "SGD": []}  # see training_step
     steps = {
-        "ProxSGD": training_step(proxsgd_model, search_optimizer(proxsgd_model), images, target,
+        "ProxSGD": training_step(proxsgd_model, search_optimizer(proxsgd_model), images, target, args.amp,
                                  optimizer_seconds=optimizer_seconds["ProxSGD"]),
         "SGD": training_step(sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=1e-3, momentum=0.9,
                                                         foreach=True),
-                             images, target, optimizer_seconds=optimizer_seconds["SGD"]),
+                             images, target, args.amp, optimizer_seconds=optimizer_seconds["SGD"]),
     }
     medians = interleaved_medians(steps, args.repeats, args.warmup, device)
     # Only the timed steps' optimizer times: drop the warm-up ones.

@@ -28,7 +28,8 @@ def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
 
 def test_search_step_prints_the_step_ratio_and_its_verdict():
     out = run_bench("bench/search_step.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
-                    "--warmup", "0", "--threads", "1")
+                    "--warmup", "0", "--threads", "1", "--amp", "--channels-last")
+    assert "amp True, channels_last True" in out
     assert re.search(rf"ProxSGD step / SGD step {RATIO} \(target <= 1.05: (met|NOT MET)\)", out)
 
 
