@@ -35,6 +35,7 @@ train)
     step "device" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     step "torch" "$python" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
     step "optimizer step" "$python" bench/optimizer_step.py --device cuda --repeats 50
+    step "optimizer step, channels_last" "$python" bench/optimizer_step.py --device cuda --repeats 50 --channels-last
     step "search step, fp32" "$python" bench/search_step.py --device cuda --batch-size 256 --image-size 224
     step "search step, amp + channels_last" "$python" bench/search_step.py --device cuda --batch-size 256 \
         --image-size 224 --amp --channels-last

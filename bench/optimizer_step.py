@@ -4,7 +4,7 @@ Every parameter gets a random gradient once; then the three optimizers' ``.step(
 calls are timed interleaved (ProxSGD, Adam, SGD, ProxSGD, ...) so that drifts in
 machine load hit all of them alike, and the median of the repeats is reported.
 
-    python bench/optimizer_step.py --device cpu --repeats 20
+    python bench/optimizer_step.py --device cpu --repeats 20 [--channels-last]
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="conv weights (so gradients and optimizer state) in channels_last")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,16 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_with_random_grads(device: torch.device) -> torch.nn.Module:
-    model = resnet50(weights=None).to(device)
+def model_with_random_grads(device: torch.device, channels_last: bool) -> torch.nn.Module:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = resnet50(weights=None).to(device, memory_format=memory_format)
     for param in model.parameters():
-        param.grad = torch.randn_like(param)
+        param.grad = torch.randn_like(param)  # in the param's layout
     return model
 
 
-def build_optimizers(device: torch.device) -> dict[str, torch.optim.Optimizer]:
+def build_optimizers(device: torch.device, channels_last: bool = False) -> dict[str, torch.optim.Optimizer]:
     """Each optimizer on its own model copy, so that one's updates never feed another."""
-    proxsgd_model = model_with_random_grads(device)
+    proxsgd_model = model_with_random_grads(device, channels_last)
     return {
         "ProxSGD": ProxSGD(
             group_model_parameters(proxsgd_model, mu=0.05, scope="conv12"),
@@ -54,9 +57,10 @@ def build_optimizers(device: torch.device) -> dict[str, torch.optim.Optimizer]:
             adaptive_lr=True,
             normalization="div",
         ),
-        "Adam": torch.optim.Adam(model_with_random_grads(device).parameters(), lr=1e-3, foreach=True),
+        "Adam": torch.optim.Adam(model_with_random_grads(device, channels_last).parameters(), lr=1e-3,
+                                 foreach=True),
         "SGD": torch.optim.SGD(
-            model_with_random_grads(device).parameters(), lr=0.01, momentum=0.9, foreach=True
+            model_with_random_grads(device, channels_last).parameters(), lr=0.01, momentum=0.9, foreach=True
         ),
     }
 
@@ -72,7 +76,7 @@ def report(medians: dict[str, float], args: argparse.Namespace) -> str:
     lines = [
         "command: " + command_line(),
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"repeats {args.repeats}, warmup {args.warmup}",
+        f"repeats {args.repeats}, warmup {args.warmup}, channels_last {args.channels_last}",
         f"{'optimizer':<10} {'median ms/step':>15}",
     ]
     lines += [f"{name:<10} {ms:>15.2f}" for name, ms in medians.items()]
@@ -84,7 +88,7 @@ def report(medians: dict[str, float], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = prepare(args)
-    optimizers = build_optimizers(device)
+    optimizers = build_optimizers(device, args.channels_last)
     print(report(median_step_ms(optimizers, args.repeats, args.warmup, device), args))
     return 0
 

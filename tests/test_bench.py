@@ -22,7 +22,8 @@ def run_bench(*argv: str) -> str:
 
 
 def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
-    out = run_bench("bench/optimizer_step.py", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    out = run_bench("bench/optimizer_step.py", "--repeats", "1", "--warmup", "0", "--threads", "1", "--channels-last")
+    assert "channels_last True" in out
     assert re.search(rf"ProxSGD/Adam {RATIO}", out) and re.search(rf"ProxSGD/SGD  {RATIO}", out)
 
 
