@@ -41,6 +41,7 @@ from .errors import UserError
 from .masks import Mask, compute_mask, round_kept_count, unit_norms
 from .pruned_resnet import build_pruned_resnet
 from .structure import prunable_convs, pruning_groups
+from .training import make_scaler, make_scheduler
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
@@ -154,8 +155,6 @@ class MuProbe:
         self.remaining_lrs = search_lrs[len(batches):]
 
     def __call__(self, mu: float) -> Probe:
-        from .training import make_scaler  # imported here: training imports the engine too
-
         args = self.args
         groups = group_model_parameters(self.model, mu, scope=self.scope,
                                         layer_adaptive=args.layer_adaptive, group=args.group)
@@ -165,6 +164,7 @@ class MuProbe:
         criterion = nn.CrossEntropyLoss()
         counted_from, counted = len(self.batches) // 2, 0
         zero_counts: dict[str, torch.Tensor] = {}
+        average = self.average_gradients if self.ctx.distributed else None
         self.model.train()
         try:
             for step, (images, target) in enumerate(self.batches):
@@ -172,7 +172,6 @@ class MuProbe:
                 with autocast(self.ctx.device, args.amp):
                     loss = criterion(self.model(images), target)
                 optimizer.zero_grad(set_to_none=True)
-                average = self.average_gradients if self.ctx.distributed else None
                 skipped = backward_and_step(loss, optimizer, scaler, before_step=average)
                 if step >= counted_from and not (skipped is not None and bool(skipped)):
                     counted += 1
@@ -189,7 +188,6 @@ class MuProbe:
             log.info(f"budget probe: mu {mu:.4g} -> {macs / 1e9:.3f} GMac predicted "
                      f"({100 * result.share:.1f}% of the MACs)")
         return result
-
 
     def average_gradients(self) -> None:
         """Average the gradients over the processes, as DistributedDataParallel would (the
@@ -251,8 +249,6 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
 
 def search_step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
     """The lr of every step of the search, from its scheduler (which steps once per epoch)."""
-    from .training import make_scheduler  # imported here: training imports the engine too
-
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
     scheduler = make_scheduler(dummy, args)
     lrs = []
