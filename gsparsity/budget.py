@@ -38,7 +38,7 @@ from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .engine import autocast, backward_and_step, to_device
 from .errors import UserError
-from .masks import Mask, compute_mask, round_kept_count, unit_norms
+from .masks import Mask, compute_mask, member_rows, unit_norms
 from .pruned_resnet import build_pruned_resnet
 from .structure import prunable_convs, pruning_groups
 from .training import make_scaler, make_scheduler
@@ -233,8 +233,7 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
         kept[order[:count]] = True
         mask = {}
         for members, norm, row in zip(groups, norms, kept.split([len(norm) for norm in norms])):
-            row = round_kept_count(row, norm, args.round_to).repeat_interleave(members[0].unit)
-            mask.update({member.name: row.clone() for member in members})
+            mask.update(member_rows(members, row, norm, args.round_to))
         return mask
 
     fitting, too_many = 0, len(all_norms) + 1  # keeping(fitting) fits (checked: goal >= the floor)

@@ -101,10 +101,16 @@ def compute_mask(
             extra = torch.stack(extras).all(dim=0)
             kept &= ~extra
             norms = norms.masked_fill(extra, 0.0)  # rounding treats them as zero
-        row = round_kept_count(kept, norms, round_to).repeat_interleave(prunable.unit)
-        for member in members:
-            mask[member.name] = row.clone()
+        mask.update(member_rows(members, kept, norms, round_to))
     return {prunable.name: mask[prunable.name] for prunable in prunable_convs(plain_model(model), scope)}
+
+
+def member_rows(members: list[PrunableConv], kept_units: torch.Tensor, norms: torch.Tensor,
+                round_to: int) -> Mask:
+    """Every member's mask row from one keep/prune decision per unit (a filter, or a conv
+    group of a tied pair), the kept count rounded up to a multiple of ``round_to`` units."""
+    row = _round_kept_count(kept_units, norms, round_to).repeat_interleave(members[0].unit)
+    return {member.name: row.clone() for member in members}
 
 
 def unit_norms(members: list[PrunableConv]) -> torch.Tensor:
@@ -114,7 +120,7 @@ def unit_norms(members: list[PrunableConv]) -> torch.Tensor:
     return squares.view(-1, unit).sum(dim=1).sqrt().cpu()
 
 
-def round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
+def _round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
     """``mask_row`` plus the highest-norm pruned filters needed for a multiple of ``round_to`` kept."""
     if round_to == 1:
         return mask_row
