@@ -177,7 +177,7 @@ def candidates_for(
         candidates[(label, "fused")] = lambda model=fused: model(images)
         candidates[(label, "fused-cl")] = lambda model=fused_cl: model(channels_last_images)
         if args.compile:
-            compiled, compile_seconds[label] = compiled_form(inference_form(model), channels_last_images)
+            compiled, compile_seconds[label] = compiled_form(fused_cl, channels_last_images)
             candidates[(label, "compiled")] = lambda model=compiled: model(channels_last_images)
         if args.amp:
             amp_cl = inference_form(model, channels_last=True).to(amp_images.dtype)
