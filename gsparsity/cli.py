@@ -79,7 +79,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
              "once, tens of seconds on CPU; see BENCHMARKS.md for when it pays)")
     add("--dummy", action="store_true", help="synthetic data (FakeData) instead of --data")
     add("--subset", default=None, type=int, metavar="N",
-        help="use only the first N train and N val images (quick runs and tests)")
+        help="use only N train and N val images, evenly spaced through each set (quick runs and tests)")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"))
     add("--registry", default=None, metavar="FILE",
         help="model registry to use (default: list_of_models.py next to the scripts)")

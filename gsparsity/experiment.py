@@ -33,11 +33,15 @@ def create_experiment_dir(args: argparse.Namespace, name: str, ctx: DistContext)
             name = f"{name}_{args.run_id}"
         folder = Path(args.path_to_save) / name
         try:
+            if folder.parent.exists() and not folder.parent.is_dir():
+                raise NotADirectoryError(f"--path_to_save {folder.parent} is a file, not a folder")
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.mkdir()
         except FileExistsError:
             folder = f"error: experiment folder {folder} already exists; it is never overwritten " \
                      f"(use --resume {folder} to continue it, or another --run_id)"
+        except NotADirectoryError as error:
+            folder = f"error: {error}"
         except OSError as error:
             folder = f"error: cannot create experiment folder {folder}: {error.strerror}"
     folder = broadcast_object(str(folder))
@@ -51,7 +55,9 @@ def write_run_info(folder: Path, args: argparse.Namespace, script: str, extra: d
     atomic_write_text(folder / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
 
-def read_run_info(folder: Path) -> dict[str, Any]:
+def read_run_info(folder: Path, script: str | None = None) -> dict[str, Any]:
+    """``folder``'s run_info.json; with ``script``, refused unless that script made the run
+    (another script's checkpoint would not fit its model or optimizer, or would be replaced)."""
     path = Path(folder) / RUN_INFO
     if not Path(folder).is_dir():
         raise UserError(f"--resume {folder}: no such experiment folder")
@@ -63,6 +69,8 @@ def read_run_info(folder: Path) -> dict[str, Any]:
         raise UserError(f"--resume {folder}: {RUN_INFO} is unreadable ({error})") from None
     if not isinstance(info, dict) or not isinstance(info.get("args"), dict):
         raise UserError(f"--resume {folder}: {RUN_INFO} has no 'args' record")
+    if script is not None and info.get("script", script) != script:
+        raise UserError(f"--resume {folder}: this is a run of {info['script']}; continue it with that script")
     return info
 
 
@@ -124,10 +132,11 @@ class Scalars:
             self.writer.close()
 
 
-def open_experiment(args: argparse.Namespace, ctx: DistContext, name: str) -> Path | None:
-    """The folder of this run: the resumed one, a new one, or none for --evaluate."""
+def open_experiment(args: argparse.Namespace, ctx: DistContext, name: str, script: str) -> Path | None:
+    """The folder of this run (made by ``script``): the resumed one, a new one, or none for --evaluate."""
     if args.resume:
         folder = Path(args.resume)
+        read_run_info(folder, script)
     elif args.evaluate:
         folder = None
     else:

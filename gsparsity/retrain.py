@@ -46,12 +46,13 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         seed_everything(args.seed)
     start_logging(ctx)
     # Resolve before making a folder, so a wrong name leaves nothing behind.
-    source = (Path(read_run_info(args.resume)["small_model"]) if args.resume
+    script = f"main_reduce_retrain_{scope}.py"
+    source = (Path(read_run_info(args.resume, script)["small_model"]) if args.resume
               else small_model_path(args, scope))
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
     args.arch = mask_record["arch"]  # the searched model's, whatever -a says
-    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}")
+    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}", script)
     model = place_model(model, args, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -65,7 +66,7 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     if args.evaluate:
         return
     if ctx.is_main and not args.resume:
-        write_run_info(folder, args, f"main_reduce_retrain_{scope}.py",
+        write_run_info(folder, args, script,
                        {"scope": scope, "small_model": str(source.resolve()), "macs": macs, "params": params})
         run.scalars.add("complexity/gmacs", macs / 1e9, 0)
         run.scalars.add("complexity/mparams", params / 1e6, 0)

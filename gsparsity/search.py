@@ -150,7 +150,8 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     full_macs, full_params = count_macs_params(model, 224)
     probing = args.target_macs is not None and not (args.resume or args.evaluate)
     goal = check_target(model, args, scope, loaders.num_classes, full_macs) if probing else None
-    folder = open_experiment(args, ctx, experiment_name(args, scope))
+    script = f"main_search_{scope}.py"
+    folder = open_experiment(args, ctx, experiment_name(args, scope), script)
     budget = None
     if probing:
         budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, goal, full_macs)
@@ -166,7 +167,7 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         evaluate_only(run)
         return
     if ctx.is_main and not args.resume:
-        write_run_info(folder, args, f"main_search_{scope}.py", {"scope": scope, "budget": budget})
+        write_run_info(folder, args, script, {"scope": scope, "budget": budget})
     log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
              f"mu {args.weight_decay}, full model {format_macs_params(full_macs, full_params)}")
     fit(run, EpochEnd(run, scope, full_macs, full_params))

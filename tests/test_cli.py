@@ -7,12 +7,14 @@ import torchvision
 
 import main_original
 import main_reduce_retrain_conv12
+import main_search_all_conv
 import main_search_conv12
 from gsparsity import search as search_module
 from gsparsity.launch import main
 from scripts import TINY
 
 SEARCH = ("search", main_search_conv12.workflow)
+SEARCH_ALL_CONV = ("search", main_search_all_conv.workflow)
 RETRAIN = ("retrain", main_reduce_retrain_conv12.workflow)
 ORIGINAL = ("original", main_original.original)
 
@@ -102,6 +104,22 @@ def test_resume_of_a_folder_without_run_info(capsys, tmp_path):
 def test_resume_refuses_to_change_the_recipe(capsys, tmp_path):
     (tmp_path / "run_info.json").write_text(json.dumps({"args": {"lr": 0.001}}))
     fails_with(capsys, SEARCH, ["--resume", str(tmp_path), "--lr", "0.1"], "cannot change: --lr")
+
+
+@pytest.mark.parametrize("script", [RETRAIN, ORIGINAL, SEARCH_ALL_CONV], ids=["retrain", "original", "all_conv"])
+def test_resume_with_another_script_is_refused_and_leaves_the_folder_as_it_was(capsys, search_and_retrain, script):
+    folder = search_and_retrain[0]  # made by main_search_conv12.py
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    fails_with(capsys, script, ["--resume", str(folder)],
+               "this is a run of main_search_conv12.py; continue it with that script")
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
+
+
+def test_path_to_save_that_is_a_file_is_named_as_such(capsys, tmp_path):
+    not_a_folder = tmp_path / "experiments"
+    not_a_folder.write_text("notes\n")
+    fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(not_a_folder)], "is a file, not a folder")
+    assert not_a_folder.read_text() == "notes\n"
 
 
 def test_unknown_baseline_model_lists_the_known_names(capsys, registry):
