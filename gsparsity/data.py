@@ -11,6 +11,9 @@ image index) (:class:`SeededSamples`). So an image gets the same crop whichever 
 worker reads it, however many workers there are, and whether or not the run stopped
 and resumed in between.
 
+An epoch whose share for a process would end in a batch of a single image leaves that
+image out: BatchNorm cannot train on one value per channel (a 1x1 final feature map).
+
 Unreadable image files (truncated, not an image, no permission) are met by
 :class:`CheckedImageFolder`: it records them in memory shared with the loader workers
 and hands out the next readable image instead, so that batches keep their size; the
@@ -20,7 +23,9 @@ training loop then stops naming the file (``--bad-images stop``) or counts them
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .demo_data import demo_root
 from .distributed import DistContext
@@ -45,6 +51,8 @@ DUMMY_CLASSES = 1000
 # What PIL raises for a file it cannot decode: OSError (truncated, unidentified, no
 # permission), SyntaxError (broken PNG chunks), ValueError, DecompressionBombError.
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+log = logging.getLogger("gsparsity")
 
 
 @dataclass
@@ -69,20 +77,32 @@ class ShardSampler(Sampler[int]):
 
 class EpochSampler(DistributedSampler):
     """The training sampler: this process's share of the epoch, shuffled by (seed, epoch),
-    optionally starting after ``skip`` samples (a resumed epoch); it yields
-    ``(index, augmentation seed)`` pairs for :class:`SeededSamples`."""
+    without a last lone image (:func:`samples_per_epoch`), optionally starting after
+    ``skip`` samples (a resumed epoch); it yields ``(index, augmentation seed)`` pairs
+    for :class:`SeededSamples`."""
 
-    def __init__(self, dataset: Dataset, ctx: DistContext, seed: int, augment_seed: int) -> None:
+    def __init__(self, dataset: Dataset, ctx: DistContext, seed: int, augment_seed: int,
+                 batch_size: int) -> None:
         super().__init__(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
         self.augment_seed = augment_seed
+        self.kept = samples_per_epoch(self.num_samples, batch_size)
         self.skip = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip:]
+        indices = list(super().__iter__())[:self.kept][self.skip:]
         return iter([(index, sample_seed(self.augment_seed, self.epoch, index)) for index in indices])
 
-    def __len__(self) -> int:
-        return max(self.num_samples - self.skip, 0)
+    def __len__(self) -> int:  # the loader's steps per epoch follow from it
+        return max(self.kept - self.skip, 0)
+
+
+def samples_per_epoch(share: int, batch_size: int) -> int:
+    """How many of a process's ``share`` of the images it trains on per epoch: all but a
+    last batch of one, which BatchNorm cannot train on when the final feature map is 1x1.
+    Every process has the same share (DistributedSampler pads), so all agree on the steps."""
+    if batch_size > 1 and share > 1 and share % batch_size == 1:
+        return share - 1
+    return share
 
 
 def sample_seed(augment_seed: int, epoch: int, index: int) -> int:
@@ -219,12 +239,22 @@ def check_image_folder(root: Path) -> None:
         classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
         if not classes:
             raise UserError(f"--data {root}: '{split}' holds no class folders")
-        empty = [name for name in classes if not any((split_dir / name).iterdir())]
-        if empty:
-            raise UserError(f"--data {root}: class folder {split}/{empty[0]} is empty")
+        imageless = [name for name in classes if not holds_an_image(split_dir / name)]
+        if imageless:
+            raise UserError(f"--data {root}: class folder {split}/{imageless[0]} holds no image file "
+                            f"({', '.join(IMG_EXTENSIONS)})")
         class_sets[split] = classes
     if class_sets["train"] != class_sets["val"]:
         raise UserError(f"--data {root}: train/ and val/ hold different class folders")
+
+
+def holds_an_image(folder: Path) -> bool:
+    """Whether ImageFolder finds an image in ``folder``: a file with an image extension,
+    looked for in subfolders too, as ImageFolder does."""
+    for _, _, file_names in os.walk(folder, followlinks=True):
+        if any(has_file_allowed_extension(name, IMG_EXTENSIONS) for name in file_names):
+            return True
+    return False
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
@@ -267,7 +297,10 @@ def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
     seed = args.seed if args.seed is not None else 0
     # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.
     augment_seed = args.seed if args.seed is not None else secrets.randbits(62)
-    train_sampler = EpochSampler(train_set, ctx, seed, augment_seed)
+    train_sampler = EpochSampler(train_set, ctx, seed, augment_seed, per_process)
+    if train_sampler.kept < train_sampler.num_samples and ctx.is_main:
+        log.info("each epoch leaves out one training image per process: its last batch would hold "
+                 "only that one, on which BatchNorm cannot train")
     common = dict(
         batch_size=per_process, num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
         persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
@@ -283,6 +316,6 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int | None, first_step: in
     resumed run draws exactly what an uninterrupted one would; ``first_step``: the
     number of batches of this epoch already done, which the loader leaves out."""
     loader.sampler.set_epoch(epoch)
-    loader.sampler.skip = min(first_step * loader.batch_size, loader.sampler.num_samples)
+    loader.sampler.skip = min(first_step * loader.batch_size, loader.sampler.kept)
     if seed is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)

@@ -3,9 +3,11 @@ import argparse
 
 import pytest
 import torch
+import torchvision
+from PIL import Image
 
 from gsparsity import demo_data
-from gsparsity.data import ShardSampler, build_loaders, check_image_folder, start_epoch
+from gsparsity.data import ShardSampler, build_datasets, build_loaders, check_image_folder, start_epoch
 from gsparsity.distributed import DistContext
 from gsparsity.errors import UserError
 
@@ -59,8 +61,31 @@ def test_empty_class_folder_is_a_clear_error(tmp_path):
         (tmp_path / split / "cat" / "a.png").write_bytes(b"")
     (tmp_path / "val" / "dog").mkdir()
     (tmp_path / "train" / "dog").mkdir()
-    with pytest.raises(UserError, match="dog is empty"):
+    with pytest.raises(UserError, match="class folder train/dog holds no image file"):
         check_image_folder(tmp_path)
+
+
+def write_image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path)
+
+
+def test_class_folder_without_image_files_is_a_clear_error(tmp_path):
+    for split in ("train", "val"):
+        write_image(tmp_path / split / "cat" / "a.png")
+        (tmp_path / split / "dog").mkdir()
+        (tmp_path / split / "dog" / ".DS_Store").write_bytes(b"\0")
+        (tmp_path / split / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"class folder train/dog holds no image file \(\.jpg"):
+        build_datasets(loader_args(data=str(tmp_path)))
+
+
+def test_images_in_subfolders_of_a_class_folder_count_as_imagenet_reads_them(tmp_path):
+    for split in ("train", "val"):
+        write_image(tmp_path / split / "cat" / "a.png")
+        write_image(tmp_path / split / "dog" / "shots" / "b.JPG")
+    train, val, num_classes = build_datasets(loader_args(data=str(tmp_path)))
+    assert num_classes == 2 and len(train) == len(val) == 2
 
 
 def test_batch_smaller_than_process_count_is_refused():
@@ -90,3 +115,42 @@ def test_the_loader_shuffles_each_epoch_the_same_way_whatever_came_before():
     second = [labels for _, labels in loader]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def batch_sizes(loader):
+    return [len(labels) for _, labels in loader]
+
+
+def test_a_last_batch_of_one_image_is_left_out_so_batchnorm_can_train_on_a_1x1_feature_map():
+    loader = build_loaders(loader_args(image_size=32, subset=9, batch_size=4), CPU).train
+    start_epoch(loader, 0, seed=3)
+    assert len(loader) == 2 and batch_sizes(loader) == [4, 4]
+    model = torchvision.models.resnet18(num_classes=10).train()  # layer4 sees 1x1 at 32x32
+    for images, labels in loader:
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+
+
+def test_other_last_batches_are_kept_whole():
+    loader = build_loaders(loader_args(subset=10, batch_size=4), CPU).train
+    start_epoch(loader, 0, seed=3)
+    assert len(loader) == 3 and batch_sizes(loader) == [4, 4, 2]
+
+
+def test_with_several_processes_the_lone_image_is_counted_in_each_process_share():
+    # 9 images on 2 processes: 5 each (one padded), batches of 2 -> 2, 2 and a lone one, left out
+    shares = [build_loaders(loader_args(subset=9, batch_size=4),
+                            DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))).train
+              for rank in range(2)]
+    for loader in shares:
+        start_epoch(loader, 0, seed=3)
+        assert len(loader) == 2 and batch_sizes(loader) == [2, 2]
+
+
+def test_a_resumed_epoch_yields_the_rest_of_the_same_batches_and_counts_them():
+    loader = build_loaders(loader_args(subset=13, batch_size=4), CPU).train
+    start_epoch(loader, 1, seed=3)
+    whole = [labels.clone() for _, labels in loader]
+    start_epoch(loader, 1, seed=3, first_step=2)
+    rest = [labels.clone() for _, labels in loader]
+    assert len(whole) == 3 and len(loader) == len(rest) == 1
+    assert torch.equal(rest[0], whole[2])
