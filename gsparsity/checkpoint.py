@@ -1,8 +1,9 @@
 """Files that survive crashes and refuse to run code: atomic writes, safe loads, RNG state.
 
 Writing: every file goes to a temporary file in the target's folder first, is flushed
-to disk, then renamed over the target in one step. A crash or a full disk part-way
-leaves the previous file untouched, never a half-written one. A process killed
+to disk, then renamed over the target in one step (through a symlink, over the file it
+points to, so the link stays a link). A crash or a full disk part-way leaves the
+previous file untouched, never a half-written one. A process killed
 part-way (SIGKILL) leaves its temporary file behind; :func:`remove_stale_temp_files`
 clears those when the run is resumed.
 
@@ -53,7 +54,11 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    temp = path.with_name(_temp_name(path))
+    # Through a symlink, replace the file it points to (renaming over the link would turn it into
+    # a plain file and leave the shared target stale); the temp file sits next to that real file,
+    # so os.replace stays on one file system and atomic.
+    target = Path(os.path.realpath(path))
+    temp = target.with_name(_temp_name(target))
     try:
         # os.open with mode 0o666 lets the umask decide the permissions, as open() would.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -61,17 +66,17 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        _keep_permissions(path, temp)
-        os.replace(temp, path)
+        _keep_permissions(target, temp)
+        os.replace(temp, target)
     except Exception as error:  # disk full, no permission, unpicklable object...
         _remove_quietly(temp)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        kept = "the previous version is intact" if target.exists() else "nothing was written"
         raise UserError(f"could not write {path}: {reason}; {kept}") from error
     except BaseException:  # e.g. Ctrl-C: still leave no temporary file behind
         _remove_quietly(temp)
         raise
-    _fsync_directory(path.parent)
+    _fsync_directory(target.parent)
 
 
 def _temp_name(path: Path) -> str:

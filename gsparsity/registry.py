@@ -4,7 +4,8 @@ The registry is a Python file that people may edit by hand, but the tools treat 
 data only: it is parsed with :mod:`ast` and its ``MODELS = {...}`` literal evaluated
 with :func:`ast.literal_eval`; it is never imported or executed. Registering a model
 rewrites only the source text of that literal, from validated strings written with
-``repr()``, and leaves the rest of the file byte for byte as it was.
+``repr()``, and leaves the rest of the file byte for byte as it was (but for a leading
+UTF-8 BOM, which is read and then dropped: the file is written as plain UTF-8).
 
 Also a command: ``python -m gsparsity.registry NAME EXPERIMENT_FOLDER`` registers the
 compressed model that a finished search left in its folder.
@@ -58,7 +59,8 @@ def _read_source(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"model registry {path}: no such file")
     try:
-        return path.read_bytes().decode("utf-8")
+        # utf-8-sig: a BOM that an editor added is dropped (Python ignores it too, ast would not).
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"model registry {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
@@ -134,7 +136,9 @@ def _unknown_name_message(name: str, models: dict, path: Path) -> str:
 
 
 def _registry_folder(path: Path) -> Path:
-    return Path(os.path.abspath(path)).parent
+    """The folder that relative entries start from. For a symlinked registry, the shared file's
+    own folder, so that an entry written through the link resolves for every reader of it."""
+    return Path(os.path.realpath(path) if path.is_symlink() else os.path.abspath(path)).parent
 
 
 # --- validating -------------------------------------------------------------------------
@@ -208,13 +212,34 @@ def register(name: str, experiment_dir: str | os.PathLike, small_model: str, mas
     }
     source = _read_source(path)
     models = _literal_models(_models_node(source, path), path)
-    if name in models and not overwrite:
-        raise UserError(f"model registry {path} already has {name!r} (experiment_dir "
-                        f"{models[name].get('experiment_dir')!r}); choose another name or overwrite it")
+    _check_name_free(name, models, path, overwrite)
     models[name] = entry
     _write_models(path, source, models)
     if read_registry(path).get(name) != entry:  # defence in depth: what is on disk is what we meant
         raise UserError(f"model registry {path}: entry {name!r} did not read back as written")
+
+
+def check_can_register(name: str, path: str | os.PathLike = DEFAULT_REGISTRY, overwrite: bool = False) -> None:
+    """Refuse now what :func:`register` would refuse about ``name`` or the registry file, so a
+    search given ``--register`` fails before it trains rather than after; reads, never writes."""
+    path = Path(path)
+    check_model_name(name)
+    _check_name_free(name, read_registry(path), path, overwrite)
+
+
+def registered_folder(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> Path | None:
+    """The experiment folder registered as ``name``, resolved, or None if there is no such entry."""
+    path = Path(path)
+    entry = read_registry(path).get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("experiment_dir"), str):
+        return None
+    return Path(os.path.realpath(_registry_folder(path) / entry["experiment_dir"]))
+
+
+def _check_name_free(name: str, models: dict[str, dict[str, str]], path: Path, overwrite: bool) -> None:
+    if name in models and not overwrite:
+        raise UserError(f"model registry {path} already has {name!r} (experiment_dir "
+                        f"{models[name].get('experiment_dir')!r}); choose another name or overwrite it")
 
 
 def unregister(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> None:

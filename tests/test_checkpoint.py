@@ -97,6 +97,24 @@ def test_rewritten_file_keeps_its_permissions(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o640
 
 
+@pytest.mark.parametrize("write, read, written", [
+    (lambda path: atomic_write_text(path, "new"), lambda path: path.read_text(), "new"),
+    (lambda path: atomic_save({"epoch": 2}, path), lambda path: load_checkpoint(path)["epoch"], 2),
+], ids=["text", "checkpoint"])
+def test_writing_through_a_symlink_updates_the_file_it_points_to_and_keeps_the_link(tmp_path, write, read,
+                                                                                    written):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "file").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to("shared/file")  # relative, as `ln -s` makes it
+    write(link)
+    assert link.is_symlink() and os.readlink(link) == "shared/file"
+    assert read(shared / "file") == written
+    assert files_in(shared) == {"file"}  # the temporary file went next to the target, and is gone
+    assert files_in(tmp_path) == {"shared", "link"}
+
+
 # --- load_checkpoint refusals ----------------------------------------------------------
 
 def test_missing_checkpoint_is_named(tmp_path):

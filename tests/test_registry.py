@@ -5,19 +5,23 @@ fixture of conftest.py), never on the real one.
 """
 import ast
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from gsparsity.errors import UserError
-from gsparsity.registry import (RegisteredModel, main, read_registry, register, register_experiment, resolve,
-                                unregister)
+from gsparsity.registry import (RegisteredModel, check_can_register, main, read_registry, register,
+                                register_experiment, resolve, unregister)
+from scripts import TINY, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_MODEL = "small_model_conv12_1e-06.pth.tar"
 MASK = "mask_conv12_1e-06.json"
 HAND_COMMENT = "# kept by hand: models of the March runs\n"
+BOM = b"\xef\xbb\xbf"
 
 
 def make_experiment(parent: Path, name: str = "conv12_run", scope: str = "conv12") -> Path:
@@ -125,6 +129,33 @@ def test_hand_edited_entries_with_comments_and_odd_formatting_are_read(tmp_path)
     registry.write_text('"""Mine."""\nMODELS = {  # mine\n  "a" : {"scope":"conv12",   # note\n'
                         '"arch": \'resnet18\'},\n}\n')
     assert read_registry(registry) == {"a": {"scope": "conv12", "arch": "resnet18"}}
+
+
+def test_registry_saved_with_a_bom_is_read_and_rewritten_as_plain_utf8_keeping_its_text(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    before, after = '"""Modèles réduits."""\nMODELS = ', "\n" + HAND_COMMENT
+    registry.write_bytes(BOM + f"{before}{{'old': {{'scope': 'conv12'}}}}{after}".encode())
+    assert read_registry(registry) == {"old": {"scope": "conv12"}}
+    register_run(registry, "run", make_experiment(tmp_path))
+    rewritten = registry.read_bytes()
+    assert not rewritten.startswith(BOM)
+    assert rewritten.decode("utf-8").startswith(before + "{") and rewritten.decode("utf-8").endswith("}" + after)
+    assert list(read_registry(registry)) == ["old", "run"]
+
+
+def test_registering_through_a_symlinked_registry_updates_the_shared_file(tmp_path, capsys):
+    shared = tmp_path / "shared" / "list_of_models.py"
+    shared.parent.mkdir()
+    shared.write_text("MODELS = {}\n")
+    link = tmp_path / "repo" / "list_of_models.py"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    folder = make_experiment(tmp_path / "repo" / "experiments")
+    main(["run", str(folder), "--registry", str(link)])
+    assert "registered 'run'" in capsys.readouterr().out
+    assert link.is_symlink()
+    # Everyone who opens the shared file finds the model, not only those who go through the link.
+    assert resolve("run", shared).experiment_dir == resolve("run", link).experiment_dir == folder
 
 
 def test_registering_after_unregistering_leaves_an_empty_literal(registry, tmp_path):
@@ -258,6 +289,82 @@ def test_registry_without_one_literal_dict_of_strings_is_refused(tmp_path, capfd
     with pytest.raises(UserError, match=problem):
         read_registry(registry)
     assert "INJECTED" not in capfd.readouterr().out
+
+
+def test_check_can_register_refuses_a_taken_name_and_accepts_a_free_one(registry, tmp_path):
+    register_run(registry, "run", make_experiment(tmp_path))
+    before = registry.read_bytes()
+    with pytest.raises(UserError, match="already has 'run'"):
+        check_can_register("run", registry)
+    check_can_register("other", registry)
+    check_can_register("run", registry, overwrite=True)
+    assert registry.read_bytes() == before  # a check only: nothing written
+
+
+@pytest.mark.parametrize("name, registry_text, problem", [
+    ("class", "MODELS = {}\n", "Python identifier"),
+    ("run", None, "no such file"),
+    ("run", "MODELS = {\n", "syntax error on line"),
+])
+def test_check_can_register_refuses_what_register_would(tmp_path, name, registry_text, problem):
+    registry = tmp_path / "list_of_models.py"
+    if registry_text is not None:
+        registry.write_text(registry_text)
+    with pytest.raises(UserError, match=problem):
+        check_can_register(name, registry)
+
+
+# --- a search given --register NAME ---------------------------------------------------------------
+
+def search_refused(registry: Path, tmp_path: Path, *flags: str) -> str:
+    """Run a search that registers as 'run' and must stop at once; its stderr.
+
+    With a cache of its own, no demo digits written is the proof that no data was loaded."""
+    cache = tmp_path / "fresh_cache"
+    result = run_script("main_search_conv12.py", *flags, "--register", "run", "--registry", str(registry),
+                        expect=2, GSPARSITY_CACHE=str(cache))
+    assert not cache.exists()
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("problem", ["name taken", "no registry file", "registry syntax error"])
+def test_search_whose_name_the_registry_cannot_take_stops_before_loading_data_or_making_a_folder(
+        registry, tmp_path, problem):
+    if problem == "name taken":
+        register_run(registry, "run", make_experiment(tmp_path))
+    elif problem == "no registry file":
+        registry.unlink()
+    else:
+        registry.write_text("MODELS = {\n")
+    before = registry.read_bytes() if registry.exists() else None
+    experiments = tmp_path / "experiments"
+    error = search_refused(registry, tmp_path, *TINY, "--path_to_save", str(experiments))
+    expected = {"name taken": "already has 'run'", "no registry file": "no such file",
+                "registry syntax error": "syntax error on line"}[problem]
+    assert error.startswith("main_search_conv12.py: error: --register run: model registry") and expected in error
+    assert not experiments.exists()
+    assert (registry.read_bytes() if registry.exists() else None) == before
+
+
+def test_resumed_search_whose_name_is_taken_stops_before_touching_its_folder(registry, tmp_path):
+    register_run(registry, "run", make_experiment(tmp_path))
+    folder = tmp_path / "conv12_search"
+    folder.mkdir()
+    (folder / "run_info.json").write_text(json.dumps({"script": "main_search_conv12.py",
+                                                      "args": {"data": "demo", "subset": 32}}))
+    error = search_refused(registry, tmp_path, "--resume", str(folder))
+    assert "already has 'run'" in error
+    assert os.listdir(folder) == ["run_info.json"]
+
+
+def test_a_search_that_registered_itself_resumes_and_keeps_its_name(registry, tmp_path):
+    flags = [*TINY, "--register", "grown", "--registry", str(registry)]
+    run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))
+    folder = next(tmp_path.glob("conv12_*"))
+    resumed = run_script("main_search_conv12.py", "--resume", str(folder), "--epochs", "2")
+    assert "epoch 1 done" in resumed.stdout and f"registered {folder} as 'grown'" in resumed.stdout
+    assert read_registry(registry)["grown"]["experiment_dir"] == folder.name  # the same entry, brought up to date
 
 
 # --- registering a finished experiment ------------------------------------------------------------
