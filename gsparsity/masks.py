@@ -246,18 +246,36 @@ def _parse_layers(layers: object, source: str) -> Mask:
     """The ``layers`` object of a mask record as bool rows, refusing anything malformed."""
     if not isinstance(layers, dict):
         raise UserError(f"{source}: the mask has no 'layers' object")
-    mask: Mask = {}
-    for name, layer in layers.items():
-        filters = layer.get("filters") if isinstance(layer, dict) else None
-        kept = layer.get("kept") if isinstance(layer, dict) else None
-        if type(filters) is not int or not isinstance(kept, list):
-            raise UserError(f"{source}: layer {name} needs an integer 'filters' and a list 'kept'")
-        if not all(type(index) is int and 0 <= index < filters for index in kept):
-            raise UserError(f"{source}: layer {name} keeps a filter index outside 0..{filters - 1}")
-        row = torch.zeros(filters, dtype=torch.bool)
-        row[kept] = True
-        mask[name] = row
-    return mask
+    return {name: _parse_layer(name, layer, source) for name, layer in layers.items()}
+
+
+def _parse_layer(name: str, layer: object, source: str) -> torch.Tensor:
+    """One layer's ``{"filters": N, "kept": [indices]}`` as a bool row of N."""
+    filters = layer.get("filters") if isinstance(layer, dict) else None
+    kept = layer.get("kept") if isinstance(layer, dict) else None
+    if type(filters) is not int or not isinstance(kept, list):
+        raise UserError(f"{source}: layer {name} needs an integer 'filters' and a list 'kept'")
+    if filters < 1:  # a conv has at least one filter; torch.zeros would fail on a negative count
+        raise UserError(f"{source}: layer {name} has 'filters' {filters}; it must be at least 1")
+    if not all(type(index) is int for index in kept):  # type(): True is no index
+        raise UserError(f"{source}: layer {name} keeps a filter index that is not an integer")
+    if not all(0 <= index < filters for index in kept):
+        raise UserError(f"{source}: layer {name} keeps a filter index outside 0..{filters - 1}")
+    repeated = _first_repeat(kept)  # mask_to_record lists each kept index once
+    if repeated is not None:
+        raise UserError(f"{source}: layer {name} lists kept filter index {repeated} more than once")
+    row = torch.zeros(filters, dtype=torch.bool)
+    row[kept] = True
+    return row
+
+
+def _first_repeat(indices: list[int]) -> int | None:
+    seen: set[int] = set()
+    for index in indices:
+        if index in seen:
+            return index
+        seen.add(index)
+    return None
 
 
 def save_mask(mask: Mask, path: str | os.PathLike, arch: str, scope: str, threshold: float) -> None:

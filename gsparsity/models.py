@@ -18,6 +18,7 @@ from .errors import UserError
 
 log = logging.getLogger("gsparsity")
 TORCHVISION = "torchvision"  # --pretrained without a path
+BATCH_COUNTER = ".num_batches_tracked"  # a BatchNorm buffer that old checkpoints lack
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
@@ -34,7 +35,8 @@ def load_pretrained(model: nn.Module, spec: str, arch: str) -> None:
     """Load ``--pretrained`` weights into ``model`` in place.
 
     A classifier of another size (e.g. ImageNet weights on a 10-class data set) is
-    left freshly initialised, with a warning; any other mismatch is an error.
+    left freshly initialised, with a warning; missing BatchNorm ``num_batches_tracked``
+    counters keep the model's own; any other mismatch is an error.
     """
     if spec == TORCHVISION:
         path = torchvision_cache_file(arch)
@@ -47,8 +49,8 @@ def load_pretrained(model: nn.Module, spec: str, arch: str) -> None:
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"--pretrained={spec}: no such file")
-    state = load_state_dict_file(path)
     expected = model.state_dict()
+    state = _with_batch_counters(load_state_dict_file(path), expected)
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if unexpected or missing:
@@ -67,3 +69,15 @@ def load_pretrained(model: nn.Module, spec: str, arch: str) -> None:
         state = {key: value for key, value in state.items() if key not in classifier}
     model.load_state_dict(state, strict=not classifier)
     log.info(f"loaded pretrained weights from {path}")
+
+
+def _with_batch_counters(state: dict[str, torch.Tensor],
+                         expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the BatchNorm ``num_batches_tracked`` counters it lacks taken from ``expected``.
+
+    Files saved before BatchNorm had this buffer (e.g. torchvision's original ImageNet
+    ResNets) lack it; ``nn.Module.load_state_dict`` fills it in the same way.
+    """
+    missing = {key: value for key, value in expected.items()
+               if key.endswith(BATCH_COUNTER) and key not in state}
+    return {**state, **missing}

@@ -12,7 +12,9 @@ TensorBoard event files; for what they lack (no events, or an unreadable file) t
 ``_log.txt`` lines are parsed instead. A retrained model never changes width, so its
 zero-filter share (from its mask) and its MACs (logged once) hold for every epoch.
 
-Also a command: ``python report.py EXPERIMENT_DIR [...] [--out FILE.png]``.
+Also a command: ``python report.py EXPERIMENT_DIR [...] [--out FILE.png] [--force]``. The
+figure never replaces an existing file (also its default, ``report.png`` in the first
+folder, on a second run) unless ``--force`` is given.
 """
 from __future__ import annotations
 
@@ -449,26 +451,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folders", nargs="+", metavar="EXPERIMENT_DIR")
     parser.add_argument("--out", metavar="FILE.png",
                         help="where to write the figure (default: report.png in the first folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the figure if the file already exists (e.g. from an earlier report)")
     parser.add_argument("--no-find", dest="find", action="store_false",
                         help="show only the folders given, not the retrains/search found next to them")
     return parser
 
 
 def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-                 find: bool = True) -> tuple[str, Path]:
-    """(the table, the PNG written) for ``folders``; the PNG replaces any file at ``out``."""
+                 find: bool = True, force: bool = False) -> tuple[str, Path]:
+    """(the table, the PNG written) for ``folders``; an existing file at ``out`` is replaced
+    only with ``force``."""
     out = Path(out) if out is not None else Path(folders[0]) / "report.png"
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the figure is a PNG, give a name ending in .png")
+    if not force:
+        _refuse_overwrite(out)  # before reading the folders and drawing
     comparisons = compare(folders, find)
-    atomic_write_bytes(out, render_png(comparisons))
+    png = render_png(comparisons)
+    if not force:
+        _refuse_overwrite(out)  # again: something may have appeared meanwhile
+    atomic_write_bytes(out, png)
     return format_table(comparisons), out
+
+
+def _refuse_overwrite(out: Path) -> None:
+    if out.exists():
+        raise UserError(f"{out} already exists; use --force to replace it, or --out another file")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        table, out = write_report(args.folders, args.out, args.find)
+        table, out = write_report(args.folders, args.out, args.find, args.force)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

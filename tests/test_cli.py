@@ -11,6 +11,7 @@ import main_search_all_conv
 import main_search_conv12
 from gsparsity import search as search_module
 from gsparsity.launch import main
+from gsparsity.models import build_model, load_pretrained
 from scripts import TINY
 
 SEARCH = ("search", main_search_conv12.workflow)
@@ -91,6 +92,36 @@ def test_pretrained_weights_of_another_architecture(capsys, tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
     fails_with(capsys, ORIGINAL, [*TINY, "--evaluate", "--pretrained", str(path)],
                "not a state_dict of resnet50")
+
+
+def resnet18_weights_without_batch_counters(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A resnet18 state_dict as files saved before BatchNorm had ``num_batches_tracked``."""
+    torch.manual_seed(seed)
+    state = torchvision.models.resnet18().state_dict()
+    return {key: value for key, value in state.items() if not key.endswith(".num_batches_tracked")}
+
+
+def test_pretrained_weights_without_batchnorm_counters_load_unchanged(tmp_path):
+    old_style = resnet18_weights_without_batch_counters()
+    path = tmp_path / "resnet18-old.pth"
+    torch.save(old_style, path)
+    torch.manual_seed(1)  # the model starts from other weights
+    model = build_model("resnet18", num_classes=1000)
+    load_pretrained(model, str(path), "resnet18")
+    loaded = model.state_dict()
+    assert len(loaded) - len(old_style) == 20  # one counter per BatchNorm
+    assert all(torch.equal(loaded[key], value) for key, value in old_style.items())
+
+
+def test_pretrained_weights_without_batchnorm_counters_still_need_every_conv(capsys, tmp_path):
+    old_style = resnet18_weights_without_batch_counters()
+    del old_style["layer1.0.conv1.weight"]
+    path = tmp_path / "resnet18-old.pth"
+    torch.save(old_style, path)
+    fails_with(capsys, ORIGINAL, [*TINY, "-a", "resnet18", "--evaluate", "--pretrained", str(path),
+                                  "--path_to_save", str(tmp_path / "experiments")],
+               "not a state_dict of resnet18 (1 keys missing, 0 unexpected, e.g. 'layer1.0.conv1.weight')")
+    assert not (tmp_path / "experiments").exists() or not any((tmp_path / "experiments").iterdir())
 
 
 def test_resume_of_a_folder_that_does_not_exist(capsys, tmp_path):

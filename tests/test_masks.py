@@ -198,6 +198,29 @@ def test_load_mask_refuses_a_kept_index_beyond_the_filters(saved_mask):
         load_mask(saved_mask)
 
 
+@pytest.mark.parametrize("layer, message", [
+    ({"filters": -1, "kept": []}, "layer1.0.conv1 has 'filters' -1; it must be at least 1"),
+    ({"filters": 0, "kept": []}, "layer1.0.conv1 has 'filters' 0; it must be at least 1"),
+    ({"filters": 64, "kept": [3, 5, 3]}, "layer1.0.conv1 lists kept filter index 3 more than once"),
+    ({"filters": 64, "kept": [1.0]}, "layer1.0.conv1 keeps a filter index that is not an integer"),
+    ({"filters": 64, "kept": [True]}, "layer1.0.conv1 keeps a filter index that is not an integer"),
+], ids=["negative filters", "zero filters", "repeated index", "float index", "bool index"])
+def test_load_mask_refuses_a_malformed_layer_with_one_line(saved_mask, layer, message):
+    rewrite_layers(saved_mask, lambda layers: layers.update({"layer1.0.conv1": layer}))
+    with pytest.raises(UserError, match=message) as refusal:
+        load_mask(saved_mask)
+    assert "\n" not in str(refusal.value)
+
+
+def test_a_checkpoint_mask_with_a_negative_filter_count_is_refused_not_crashed(tmp_path):
+    record = mask_to_record(full_mask(), "resnet18", "conv12", 1e-6)
+    record["layers"]["layer2.0.conv1"] = {"filters": -1, "kept": []}
+    torch.save({"mask": record}, tmp_path / "small_model.pth.tar")
+    saved = torch.load(tmp_path / "small_model.pth.tar", weights_only=True)["mask"]
+    with pytest.raises(UserError, match="small_model.pth.tar: layer layer2.0.conv1 has 'filters' -1"):
+        mask_from_record(saved, source="small_model.pth.tar")
+
+
 def test_load_mask_refuses_a_file_that_is_not_json(tmp_path):
     path = tmp_path / "mask.json"
     path.write_bytes(b"\x80\x04garbage")

@@ -147,3 +147,41 @@ def test_bad_folder_gets_one_line_and_exit_status_2(bad_folder, baseline, tmp_pa
 def test_a_figure_name_that_is_not_png_is_refused_before_reading_anything(tmp_path):
     with pytest.raises(UserError, match="ending in .png"):
         write_report([tmp_path / "not read"], tmp_path / "report.jpg")
+
+
+def test_an_existing_file_at_out_is_refused_in_one_line_and_left_as_it_was(tiny_runs, tmp_path, capsys):
+    unrelated = tmp_path / "fig.png"
+    unrelated.write_bytes(b"someone else's figure")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_runs[0]), "--out", str(unrelated)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "already exists; use --force to replace it" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert unrelated.read_bytes() == b"someone else's figure"
+    assert [path.name for path in tmp_path.iterdir()] == ["fig.png"]  # no temporary file left either
+
+
+def test_force_replaces_an_existing_file_at_out(tiny_runs, tmp_path):
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"an old figure")
+    main([str(tiny_runs[0]), "--out", str(out), "--force"])
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+
+
+def test_a_second_report_into_the_default_file_needs_force(tiny_runs, tmp_path, capsys):
+    search = tmp_path / tiny_runs[0].name  # a copy of what the report reads, so report.png lands there
+    search.mkdir()
+    for pattern in ("run_info.json", "_log.txt", "small_model_*.pth.tar"):
+        for path in tiny_runs[0].glob(pattern):
+            shutil.copy(path, search / path.name)
+    main([str(search), "--no-find"])
+    first = (search / "report.png").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(search), "--no-find"])
+    assert exit_info.value.code == 2
+    assert f"{search / 'report.png'} already exists" in capsys.readouterr().err
+    assert (search / "report.png").read_bytes() == first
+    main([str(search), "--no-find", "--force"])
+    assert f"wrote {search / 'report.png'}" in capsys.readouterr().out
