@@ -7,6 +7,7 @@ figures worth quoting; absolute times from different runs are not comparable.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import statistics
 import sys
@@ -16,7 +17,10 @@ from typing import Callable, TypeVar
 
 import torch
 
+from gsparsity.cpu_memory import keep_freed_memory  # the benches put the repository on sys.path first
+
 Result = TypeVar("Result")
+_freed_memory_kept = False  # set by prepare(): malloc's setting holds for the whole process
 
 
 def synchronize(device: torch.device | None) -> None:
@@ -72,15 +76,26 @@ def command_line() -> str:
 
 
 def environment_line(device: torch.device | str = "cpu") -> str:
-    """Date, torch version, device and CPU threads: what a figure needs next to it."""
+    """Date, torch version, device, CPU threads and malloc's setting: what a figure needs next to it."""
     today = datetime.date.today().isoformat()
-    return f"{today}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
+    memory = "freed memory kept" if _freed_memory_kept else "malloc's default"
+    return f"{today}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, {memory}"
+
+
+def add_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """--keep-freed-memory / --no-keep-freed-memory: whether the CPU runs as the scripts run it."""
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed CPU memory for reuse, as the scripts do on the CPU (glibc malloc; "
+                             "gsparsity/cpu_memory.py); --no-keep-freed-memory measures malloc's default")
 
 
 def prepare(args) -> torch.device:
     """Apply a bench's --threads and --seed; the device it runs on (from --device)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    global _freed_memory_kept
+    if args.device == "cpu" and getattr(args, "keep_freed_memory", False):
+        _freed_memory_kept = keep_freed_memory()  # as the scripts do on the CPU
     torch.manual_seed(args.seed)  # the weights and batches only: cuDNN may pick its fastest algorithms
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the training scripts without --seed

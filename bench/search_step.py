@@ -27,7 +27,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, prepare, synchronize, timed  # noqa: E402
+from _timing import (  # noqa: E402
+    add_memory_flag, command_line, environment_line, interleaved_medians, prepare, synchronize, timed,
+)
 from gsparsity.engine import amp_dtype, autocast  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_memory_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.image_size, args.repeats) < 1 or args.warmup < 0:

@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --dummy [--device cpu] [--amp] [--channels-last]
                                      [--batch-size 16] [--image-size 64] [--compile]
+                                     [--threads N] [--no-keep-freed-memory]
 
 search:  the full ResNet-50 with ProxSGD as the search sets it up (bench/search_step.py)
 retrain: a compressed ResNet-50 (random conv12 mask at about half the MACs, as in
@@ -25,7 +26,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import command_line, environment_line, interleaved_medians, prepare, timed  # noqa: E402
+from _timing import (  # noqa: E402
+    add_memory_flag, command_line, environment_line, interleaved_medians, prepare, timed,
+)
 from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters  # noqa: E402
 from search_step import search_optimizer, synthetic_batch, training_step  # noqa: E402
 from gsparsity.masks import compress_model, compute_mask  # noqa: E402
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_memory_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.dummy:

@@ -36,13 +36,16 @@ def test_search_step_prints_the_step_ratio_and_its_verdict():
 
 def test_latency_prints_every_form_asked_for_and_the_target_verdict():
     out = run_bench("bench/latency.py", "--batch-sizes", "32", "--image-size", "32", "--repeats", "1",
-                    "--warmup", "0", "--threads", "1", "--round-to", "8", "--amp")
+                    "--warmup", "0", "--threads", "1", "--round-to", "8", "--amp", "--floor", "--no-keep-freed-memory")
     header = next(line for line in out.splitlines() if line.startswith("model"))
     for form in ("plain ms", "fused ms", "fused-cl ms", "amp-cl ms"):
         assert form in header
-    rows = [line for line in out.splitlines() if line.startswith(("full resnet50", "random conv12"))]
-    assert len(rows) == 3  # full, random mask, the same rounded to multiples of 8
+    rows = [line for line in out.splitlines() if line.startswith(("full resnet50", "random conv12", "conv12 floor"))]
+    assert len(rows) == 4  # full, random mask, the same rounded to multiples of 8, the floor
+    # a verdict for each mask; for each, what the floor allows next to what the target asks
     assert len(re.findall(rf"inference speedup / MACs reduction {RATIO} >= 0.8: (met|NOT MET)", out)) == 2
+    assert len(re.findall(rf"floor: the narrowest conv12 model is {RATIO}x faster here; .* is {RATIO}x, "
+                          rf"the target asks {RATIO}x", out)) == 2
 
 
 def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_and_channels_last():
