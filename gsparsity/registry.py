@@ -239,7 +239,8 @@ def registered_folder(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> 
 def _check_name_free(name: str, models: dict[str, dict[str, str]], path: Path, overwrite: bool) -> None:
     if name in models and not overwrite:
         raise UserError(f"model registry {path} already has {name!r} (experiment_dir "
-                        f"{models[name].get('experiment_dir')!r}); choose another name or overwrite it")
+                        f"{models[name].get('experiment_dir')!r}); choose another name, or replace that entry with "
+                        f"python -m gsparsity.registry {name} FOLDER --overwrite")
 
 
 def unregister(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> None:
