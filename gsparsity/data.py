@@ -13,6 +13,8 @@ and resumed in between.
 
 An epoch whose share for a process would end in a batch of a single image leaves that
 image out: BatchNorm cannot train on one value per channel (a 1x1 final feature map).
+For the same reason, training on batches of one image per process is refused at image
+sizes up to 32, where the final feature map is 1x1.
 
 Unreadable image files (truncated, not an image, no permission) are met by
 :class:`CheckedImageFolder`: it records them in memory shared with the loader workers
@@ -52,6 +54,7 @@ DUMMY_CLASSES = 1000
 # permission), SyntaxError (broken PNG chunks), ValueError, DecompressionBombError.
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
+ONE_BY_ONE_UP_TO = 32  # image sizes at which a ResNet's last feature map is 1x1 (five halvings)
 log = logging.getLogger("gsparsity")
 
 
@@ -103,6 +106,16 @@ def samples_per_epoch(share: int, batch_size: int) -> int:
     if batch_size > 1 and share > 1 and share % batch_size == 1:
         return share - 1
     return share
+
+
+def check_batches_can_train(image_size: int, largest_batch: int, processes: int) -> None:
+    """Refuse batches of one image per process where the last feature map is 1x1: BatchNorm
+    cannot train on one value per channel (a ResNet halves the image five times)."""
+    if largest_batch < 2 and image_size <= ONE_BY_ONE_UP_TO:
+        raise UserError(f"each of the {processes} process(es) would train on batches of one image, and at "
+                        f"--image-size {image_size} the last feature map is 1x1, where BatchNorm cannot "
+                        f"train on one image: give each process at least 2 images (-b {2 * processes} or "
+                        f"more, and as many training images), or --image-size {ONE_BY_ONE_UP_TO + 1} or more")
 
 
 def sample_seed(augment_seed: int, epoch: int, index: int) -> int:
@@ -298,6 +311,8 @@ def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
     # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.
     augment_seed = args.seed if args.seed is not None else secrets.randbits(62)
     train_sampler = EpochSampler(train_set, ctx, seed, augment_seed, per_process)
+    if not args.evaluate:
+        check_batches_can_train(args.image_size, min(per_process, train_sampler.kept), ctx.world_size)
     if train_sampler.kept < train_sampler.num_samples and ctx.is_main:
         log.info("each epoch leaves out one training image per process: its last batch would hold "
                  "only that one, on which BatchNorm cannot train")

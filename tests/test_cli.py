@@ -171,6 +171,13 @@ def test_an_existing_experiment_folder_is_never_overwritten(capsys, tmp_path, mo
     assert [path.name for path in existing.iterdir()] == ["_log.txt"]
 
 
+@pytest.mark.parametrize("flags", [["-b", "1"], ["--subset", "1"]], ids=["batch of one", "one training image"])
+def test_training_on_single_images_where_the_last_feature_map_is_1x1_is_refused(capsys, tmp_path, flags):
+    fails_with(capsys, SEARCH, [*TINY, *flags, "--path_to_save", str(tmp_path)],
+               "at --image-size 16 the last feature map is 1x1, where BatchNorm cannot train on one image")
+    assert not any(tmp_path.iterdir())
+
+
 def test_batch_smaller_than_the_number_of_processes_is_refused_before_any_folder(capsys, tmp_path,
                                                                                  monkeypatch):
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):

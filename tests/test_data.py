@@ -15,7 +15,8 @@ CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 
 def loader_args(**overrides):
-    values = dict(dummy=False, data="demo", image_size=16, subset=None, batch_size=32, seed=3, workers=0)
+    values = dict(dummy=False, data="demo", image_size=16, subset=None, batch_size=32, seed=3, workers=0,
+                  evaluate=False)
     values.update(overrides)
     return argparse.Namespace(**values)
 
