@@ -6,6 +6,9 @@ with :func:`ast.literal_eval`; it is never imported or executed. Registering a m
 rewrites only the source text of that literal, from validated strings written with
 ``repr()``, and leaves the rest of the file byte for byte as it was (but for a leading
 UTF-8 BOM, which is read and then dropped: the file is written as plain UTF-8).
+A relative ``experiment_dir`` starts from the registry file's folder; for a registry
+that is a symlink, from the folder of the file it points to, so that every reader of
+the shared file finds the same folders.
 
 Also a command: ``python -m gsparsity.registry NAME EXPERIMENT_FOLDER`` registers the
 compressed model that a finished search left in its folder.
@@ -227,13 +230,22 @@ def check_can_register(name: str, path: str | os.PathLike = DEFAULT_REGISTRY, ov
     _check_name_free(name, read_registry(path), path, overwrite)
 
 
-def registered_folder(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> Path | None:
-    """The experiment folder registered as ``name``, resolved, or None if there is no such entry."""
+def registry_file(flag: str | None) -> Path:
+    """The registry a ``--registry FILE`` flag names, or the default one."""
+    return Path(flag) if flag else DEFAULT_REGISTRY
+
+
+def registers_itself(name: str, folder: str | os.PathLike | None, path: str | os.PathLike = DEFAULT_REGISTRY) -> bool:
+    """Whether ``name`` is already the entry of experiment ``folder`` (a search resumed after it
+    registered: its entry is brought up to date rather than refused as taken)."""
+    if folder is None:
+        return False
     path = Path(path)
     entry = read_registry(path).get(name)
     if not isinstance(entry, dict) or not isinstance(entry.get("experiment_dir"), str):
-        return None
-    return Path(os.path.realpath(_registry_folder(path) / entry["experiment_dir"]))
+        return False
+    registered = os.path.realpath(_registry_folder(path) / entry["experiment_dir"])
+    return registered == os.path.realpath(folder)
 
 
 def _check_name_free(name: str, models: dict[str, dict[str, str]], path: Path, overwrite: bool) -> None:

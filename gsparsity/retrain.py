@@ -15,7 +15,7 @@ from .distributed import DistContext
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
-from .registry import DEFAULT_REGISTRY, resolve
+from .registry import registry_file, resolve
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
 
 log = logging.getLogger("gsparsity")
@@ -33,7 +33,7 @@ def load_small_model(path: Path, scope: str, num_classes: int) -> tuple[nn.Modul
 
 
 def small_model_path(args: argparse.Namespace, scope: str) -> Path:
-    registry = Path(args.registry) if args.registry else DEFAULT_REGISTRY
+    registry = registry_file(args.registry)
     entry = resolve(args.baseline_model, registry)
     if entry.scope != scope:
         raise UserError(f"--baseline_model {args.baseline_model} was searched with scope "

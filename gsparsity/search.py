@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
 from .experiment import open_experiment, timestamp, write_run_info
 from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
-from .registry import DEFAULT_REGISTRY, check_can_register, register_experiment, registered_folder
+from .registry import check_can_register, register_experiment, registers_itself, registry_file
 from .sparsity import sparsity_report
 from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
 
@@ -129,40 +128,34 @@ class EpochEnd:
         run.scalars.add("complexity/zero_filters_only_gmacs", exact_macs / 1e9, epoch)
 
 
-def registry_path(args: argparse.Namespace) -> Path:
-    return Path(args.registry) if args.registry else DEFAULT_REGISTRY
-
-
 def check_registry_takes_name(args: argparse.Namespace, ctx: DistContext) -> None:
     """Refuse a ``--register`` NAME that the registry cannot take now, not after days of search.
 
-    Rank 0 registers at the end, so its view of the registry decides (other nodes may have
-    their own copy, or none); every rank then stops together instead of waiting for rank 0.
+    Every process takes part, with or without the flag: rank 0 registers at the end, so its
+    flags and its view of the registry decide (other nodes may have their own copy, or
+    none), and every process then stops together instead of waiting for rank 0.
     """
     problem = ""
-    if ctx.is_main:
+    if ctx.is_main and args.register and not args.evaluate:
+        registry = registry_file(args.registry)
         try:
-            check_can_register(args.register, registry_path(args), overwrite=registers_itself(args, args.resume and Path(args.resume)))
+            own_entry = registers_itself(args.register, args.resume, registry)
+            check_can_register(args.register, registry, overwrite=own_entry)
         except UserError as error:
             problem = f"--register {args.register}: {error}"
+        except OSError as error:
+            problem = f"--register {args.register}: cannot read the model registry {registry}: {error.strerror}"
     problem = broadcast_object(problem)
     if problem:
         raise UserError(problem)
 
 
-def registers_itself(args: argparse.Namespace, folder: Path | None) -> bool:
-    """Whether ``--register`` names the entry this search folder already has (a resumed
-    search that registered itself before: its entry is brought up to date, not refused)."""
-    if folder is None:
-        return False
-    return registered_folder(args.register, registry_path(args)) == Path(os.path.realpath(folder))
-
-
 def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
-    registry = registry_path(args)
+    registry = registry_file(args.registry)
     if args.register:
         # checks again: the name may have been taken meanwhile
-        register_experiment(args.register, folder, registry, overwrite=registers_itself(args, folder))
+        own_entry = registers_itself(args.register, folder, registry)
+        register_experiment(args.register, folder, registry, overwrite=own_entry)
         log.info(f"registered {folder} as {args.register!r} in {registry}")
         name = args.register
     else:
@@ -177,8 +170,7 @@ def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
 def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     # Everything that can refuse the input (the target too) comes before the experiment folder;
     # the registry first: it is quick to read, and otherwise only read when the search is over.
-    if args.register and not args.evaluate:
-        check_registry_takes_name(args, ctx)
+    check_registry_takes_name(args, ctx)
     loaders, model = data_and_starting_model(args, ctx)
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
