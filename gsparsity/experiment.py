@@ -32,16 +32,16 @@ def create_experiment_dir(args: argparse.Namespace, name: str, ctx: DistContext)
         if args.run_id:
             name = f"{name}_{args.run_id}"
         folder = Path(args.path_to_save) / name
+        in_the_way = next((path for path in (folder.parent, *folder.parent.parents) if path.is_file()), None)
         try:
-            if folder.parent.exists() and not folder.parent.is_dir():
-                raise NotADirectoryError(f"--path_to_save {folder.parent} is a file, not a folder")
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            folder.mkdir()
+            if in_the_way is not None:
+                folder = f"error: --path_to_save {args.path_to_save}: {in_the_way} is a file, not a folder"
+            else:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                folder.mkdir()
         except FileExistsError:
             folder = f"error: experiment folder {folder} already exists; it is never overwritten " \
                      f"(use --resume {folder} to continue it, or another --run_id)"
-        except NotADirectoryError as error:
-            folder = f"error: {error}"
         except OSError as error:
             folder = f"error: cannot create experiment folder {folder}: {error.strerror}"
     folder = broadcast_object(str(folder))

@@ -146,10 +146,12 @@ def test_resume_with_another_script_is_refused_and_leaves_the_folder_as_it_was(c
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
 
 
-def test_path_to_save_that_is_a_file_is_named_as_such(capsys, tmp_path):
+@pytest.mark.parametrize("below", ["", "runs"], ids=["the folder itself", "a folder above it"])
+def test_path_to_save_that_is_a_file_is_named_as_such(capsys, tmp_path, below):
     not_a_folder = tmp_path / "experiments"
     not_a_folder.write_text("notes\n")
-    fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(not_a_folder)], "is a file, not a folder")
+    fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(not_a_folder / below)],
+               f"{not_a_folder} is a file, not a folder")
     assert not_a_folder.read_text() == "notes\n"
 
 
