@@ -263,11 +263,16 @@ def check_image_folder(root: Path) -> None:
 
 def holds_an_image(folder: Path) -> bool:
     """Whether ImageFolder finds an image in ``folder``: a file with an image extension,
-    looked for in subfolders too, as ImageFolder does."""
-    for _, _, file_names in os.walk(folder, followlinks=True):
-        if any(has_file_allowed_extension(name, IMG_EXTENSIONS) for name in file_names):
-            return True
-    return False
+    in subfolders too, as ImageFolder looks. Stops at the first one (an ImageNet class
+    folder holds 1,300, which ImageFolder lists again anyway)."""
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                return True
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+    return any(holds_an_image(subfolder) for subfolder in subfolders)
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
