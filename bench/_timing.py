@@ -20,7 +20,6 @@ import torch
 from gsparsity.cpu_memory import keep_freed_memory  # the benches put the repository on sys.path first
 
 Result = TypeVar("Result")
-_freed_memory_kept = False  # set by prepare(): malloc's setting holds for the whole process
 
 
 def synchronize(device: torch.device | None) -> None:
@@ -75,10 +74,12 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
 
 
-def environment_line(device: torch.device | str = "cpu") -> str:
-    """Date, torch version, device, CPU threads and malloc's setting: what a figure needs next to it."""
+def environment_line(args: argparse.Namespace) -> str:
+    """Date, torch version, device, CPU threads and malloc's setting (after ``prepare(args)``):
+    what a figure needs next to it."""
     today = datetime.date.today().isoformat()
-    memory = "freed memory kept" if _freed_memory_kept else "malloc's default"
+    device = args.device
+    memory = "freed memory kept" if args.freed_memory_kept else "malloc's default"
     return f"{today}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, {memory}"
 
 
@@ -90,12 +91,13 @@ def add_memory_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(args) -> torch.device:
-    """Apply a bench's --threads and --seed; the device it runs on (from --device)."""
+    """Apply a bench's --threads, --seed and --keep-freed-memory (whether it took effect goes
+    to ``args.freed_memory_kept``); the device it runs on (from --device)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    global _freed_memory_kept
-    if args.device == "cpu" and getattr(args, "keep_freed_memory", False):
-        _freed_memory_kept = keep_freed_memory()  # as the scripts do on the CPU
+    # as the scripts do on the CPU; the setting holds for the whole process
+    wanted = args.device == "cpu" and getattr(args, "keep_freed_memory", False)
+    args.freed_memory_kept = wanted and keep_freed_memory()
     torch.manual_seed(args.seed)  # the weights and batches only: cuDNN may pick its fastest algorithms
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the training scripts without --seed

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = load_mask(args.mask)[1]["arch"] if args.mask else "resnet50"
     full = torchvision.models.get_model(arch, weights=None).to(device).eval()
     print(f"command: {command_line()}")
-    print(environment_line(device))
+    print(environment_line(args))
     models = {f"full {arch}": full, **compressed_models(full, args)}
     macs = {label: count_macs_params(model, args.image_size)[0] for label, model in models.items()}
     with torch.inference_mode():

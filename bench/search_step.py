@@ -123,7 +123,7 @@ def report(medians: dict[str, float], optimizer_medians: dict[str, float], args:
     ratio = medians["ProxSGD"] / medians["SGD"]
     lines = [
         f"command: {command_line()}",
-        environment_line(args.device),
+        environment_line(args),
         f"resnet50, batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
         f"channels_last {args.channels_last}; median of {args.repeats} interleaved steps after "
         f"{args.warmup} warm-up",

@@ -97,7 +97,7 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Cal
 def report(medians: dict[str, float], compile_seconds: dict[str, float], args: argparse.Namespace) -> str:
     lines = [
         f"command: {command_line()}",
-        environment_line(args.device),
+        environment_line(args),
         f"batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
         f"channels_last {args.channels_last}; median of {args.repeats} interleaved steps "
         f"after {args.warmup} warm-up",

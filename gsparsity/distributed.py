@@ -140,7 +140,7 @@ def claim_device(args: argparse.Namespace, device_type: str, local_rank: int) ->
     """The CPU (its malloc keeping freed memory, see cpu_memory.py), or the GPU of ``--gpu`` /
     the local rank, made current and set up for cuDNN."""
     if device_type != "cuda":
-        keep_freed_memory()  # 1.8-2.1x the CPU training img/s at batch 32, 224x224 (BENCHMARKS.md)
+        keep_freed_memory()  # large activations stop faulting in anew at every step
         return torch.device("cpu")
     index = args.gpu if args.gpu is not None else local_rank
     if index >= torch.cuda.device_count():

@@ -31,12 +31,14 @@ def test_search_step_prints_the_step_ratio_and_its_verdict():
     out = run_bench("bench/search_step.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--amp", "--channels-last")
     assert "amp True, channels_last True" in out
+    assert out.splitlines()[1].endswith("1 CPU threads, freed memory kept")  # as the scripts run on the CPU
     assert re.search(rf"ProxSGD step / SGD step {RATIO} \(target <= 1.05: (met|NOT MET)\)", out)
 
 
 def test_latency_prints_every_form_asked_for_and_the_target_verdict():
     out = run_bench("bench/latency.py", "--batch-sizes", "32", "--image-size", "32", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--round-to", "8", "--amp", "--floor", "--no-keep-freed-memory")
+    assert out.splitlines()[1].endswith("malloc's default")
     header = next(line for line in out.splitlines() if line.startswith("model"))
     for form in ("plain ms", "fused ms", "fused-cl ms", "amp-cl ms"):
         assert form in header

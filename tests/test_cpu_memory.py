@@ -1,6 +1,7 @@
 """keep_freed_memory: large tensors come from malloc's heap and stay there once freed;
 every script's CPU process runs with it."""
 import ctypes
+import os
 import platform
 import subprocess
 import sys
@@ -36,11 +37,13 @@ print(mapped, libc.mallinfo2().fordblks)
 """
 
 
-def mapped_and_free_bytes(setup: str) -> tuple[int, int]:
+def mapped_and_free_bytes(setup: str, **environment: str) -> tuple[int, int]:
     """(bytes malloc mmap'ed for a 64 MiB tensor, free heap bytes after the tensor died),
     in a process that first ran ``setup``."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"}
     result = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO), setup=setup)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env={**env, **environment})
     mapped, free = map(int, result.stdout.split())
     return mapped, free
 
@@ -60,6 +63,14 @@ def test_without_it_malloc_maps_a_large_tensor_and_gives_it_back():
 
 
 @glibc_malloc
-def test_a_script_that_runs_on_the_cpu_keeps_freed_memory():
+def test_a_process_that_claims_the_cpu_as_the_scripts_do_keeps_freed_memory():
     mapped, _ = mapped_and_free_bytes('claim_device(argparse.Namespace(gpu=None, seed=None), "cpu", 0)')
     assert mapped < 2**20
+
+
+@glibc_malloc
+@pytest.mark.parametrize("environment", [{"MALLOC_MMAP_MAX_": "65536"},
+                                         {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}])
+def test_malloc_set_up_through_the_environment_is_left_as_the_user_set_it(environment):
+    mapped, _ = mapped_and_free_bytes("assert not keep_freed_memory()", **environment)
+    assert mapped >= 64 * 2**20
