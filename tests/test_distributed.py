@@ -53,6 +53,20 @@ def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
     assert "Traceback" not in double.stderr
 
 
+def test_two_processes_stop_together_when_the_register_name_is_taken(tmp_path):
+    registry = tmp_path / "list_of_models.py"
+    registry.write_text("MODELS = {'run': {'experiment_dir': 'conv12_other', 'small_model': 'small.pth.tar', "
+                        "'mask': 'mask.json', 'scope': 'conv12', 'arch': 'resnet50'}}\n")
+    double = run_script("main_search_conv12.py", *TINY, "--register", "run", "--registry", str(registry),
+                        "--path_to_save", str(tmp_path / "experiments"), "--dist-timeout", "1",
+                        launcher=TORCHRUN, expect=1, OMP_NUM_THREADS="1")  # torchrun's status for failed workers
+    refusal = "main_search_conv12.py: error: --register run: model registry"
+    assert double.stderr.count(refusal) == 2  # one line from each process, neither left waiting
+    assert "exitcode  : 2" in double.stderr  # (torchrun's own report of the failure has a traceback)
+    assert "gsparsity/" not in double.stderr and "timed out" not in double.stderr.lower()
+    assert not (tmp_path / "experiments").exists()
+
+
 @pytest.mark.parametrize("seed", [None, 0])
 def test_cudnn_tunes_its_algorithms_unless_the_run_is_seeded(monkeypatch, seed):
     """On a GPU: cuDNN's autotuner for speed; with --seed, its deterministic algorithms."""
