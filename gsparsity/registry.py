@@ -228,6 +228,17 @@ def check_can_register(name: str, path: str | os.PathLike = DEFAULT_REGISTRY, ov
     path = Path(path)
     check_model_name(name)
     _check_name_free(name, read_registry(path), path, overwrite)
+    _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
+    """The registry is rewritten atomically: a temporary file in its (real) folder, renamed
+    over it. A read-only copy (say, next to scripts installed for a whole cluster) would
+    otherwise be found out only after the search."""
+    real = Path(os.path.realpath(path))
+    if not (os.access(real, os.W_OK) and os.access(real.parent, os.W_OK)):
+        raise UserError(f"model registry {path}: cannot write to it or to its folder; "
+                        f"give --registry FILE a copy you can write")
 
 
 def registry_file(flag: str | None) -> Path:

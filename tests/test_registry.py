@@ -301,6 +301,18 @@ def test_check_can_register_refuses_a_taken_name_and_accepts_a_free_one(registry
     assert registry.read_bytes() == before  # a check only: nothing written
 
 
+@pytest.mark.parametrize("read_only", ["file", "folder"])
+def test_check_can_register_refuses_a_registry_it_could_not_rewrite(registry, monkeypatch, read_only):
+    import gsparsity.registry as registry_module
+
+    locked = registry.resolve() if read_only == "file" else registry.resolve().parent
+    writable = registry_module.os.access
+    monkeypatch.setattr(registry_module.os, "access",  # tests run as root, which chmod does not stop
+                        lambda path, mode: writable(path, mode) and not (Path(path) == locked and mode == os.W_OK))
+    with pytest.raises(UserError, match="cannot write to it or to its folder"):
+        check_can_register("run", registry)
+
+
 @pytest.mark.parametrize("name, registry_text, problem", [
     ("class", "MODELS = {}\n", "Python identifier"),
     ("run", None, "no such file"),
