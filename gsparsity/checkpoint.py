@@ -13,6 +13,7 @@ need arbitrary unpickling is refused rather than executed.
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -84,15 +85,24 @@ def _temp_name(path: Path) -> str:
 
 
 def remove_stale_temp_files(folder: PathLike) -> list[Path]:
-    """Remove the temporary files that killed writers left in ``folder``; the ones whose
-    process still runs on this machine are kept. Returns the removed paths."""
+    """Remove the temporary files that killed writers left in ``folder``, and next to the
+    files its symlinks point to (where writes through them go); the ones whose process
+    still runs on this machine are kept. Returns the removed paths."""
     removed = []
-    for candidate in sorted(Path(folder).glob(".*.tmp")):
+    for candidate in _temp_file_candidates(Path(folder)):
         found = TEMP_NAME.match(candidate.name)
         if found and not _process_alive(int(found.group(1))):
             _remove_quietly(candidate)
             removed.append(candidate)
     return removed
+
+
+def _temp_file_candidates(folder: Path) -> list[Path]:
+    candidates = sorted(folder.glob(".*.tmp"))
+    for link in sorted(path for path in folder.iterdir() if path.is_symlink()):
+        target = Path(os.path.realpath(link))  # only its own temporaries: the folder is not ours
+        candidates += sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+    return candidates
 
 
 def _process_alive(pid: int) -> bool:

@@ -557,3 +557,19 @@ def test_resume_removes_temporary_files_of_killed_writers_only(tmp_path):
         path.write_bytes(b"partial")
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_resume_removes_what_a_killed_writer_left_beside_a_symlinked_checkpoint(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    elsewhere, run = tmp_path / "scratch", tmp_path / "run"
+    elsewhere.mkdir()
+    run.mkdir()
+    (elsewhere / "run7.pth.tar").write_bytes(b"checkpoint")
+    (run / CHECKPOINT).symlink_to(elsewhere / "run7.pth.tar")
+    stale = elsewhere / f".run7.pth.tar.{dead}.0123abcd.tmp"  # where a write through the link puts it
+    unrelated = elsewhere / f".other.pth.tar.{dead}.0123abcd.tmp"  # not the link's: left alone
+    for path in (stale, unrelated):
+        path.write_bytes(b"partial")
+    assert remove_stale_temp_files(run) == [stale]
+    assert not stale.exists() and unrelated.exists()
