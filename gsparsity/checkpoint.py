@@ -21,7 +21,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -78,6 +78,14 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         _remove_quietly(temp)
         raise
     _fsync_directory(target.parent)
+
+
+def refuse_to_replace(paths: Iterable[Path], instead: str) -> None:
+    """Stop if any of ``paths`` exists: the commands that write results (export.py, report.py)
+    replace a file only with --force. ``instead`` names the other way out, e.g. "--out another file"."""
+    existing = [path for path in paths if path.exists()]
+    if existing:
+        raise UserError(f"{existing[0]} already exists; use --force to replace it, or {instead}")
 
 
 def _temp_name(path: Path) -> str:

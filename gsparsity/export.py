@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, load_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
 from .experiment import RUN_INFO
 from .inference import fuse_bn
@@ -249,12 +249,6 @@ def _stem(checkpoint: Path) -> str:
     return name[: -len(".pth.tar")] if name.endswith(".pth.tar") else checkpoint.stem
 
 
-def _refuse_overwrite(paths: dict[str, Path]) -> None:
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing:
-        raise UserError(f"{existing[0]} already exists; use --force to replace it, or --out another folder")
-
-
 def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FORMATS,
                             out_dir: str | os.PathLike | None = None, image_size: int = 224,
                             batch_size: int = 1, force: bool = False, fold_bn: bool = False) -> ExportResult:
@@ -277,7 +271,7 @@ def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FO
         raise UserError(f"--out {out_dir}: no such folder")
     targets = output_paths(out_dir, _stem(info["path"]), formats)
     if not force:
-        _refuse_overwrite(targets)  # before the slow part
+        refuse_to_replace(targets.values(), "--out another folder")  # before the slow part
     batches = random_batches(image_size, batch_size)
     to_export = fuse_bn(model) if fold_bn else model  # checked against the unfolded model below
     exported, deviations = {}, []
@@ -289,7 +283,8 @@ def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FO
         raise ExportMismatch(f"the exported model deviates from PyTorch: {failed[0].describe()}, "
                              f"above the tolerance {RELATIVE_TOLERANCE:g}; nothing was written")
     if not force:
-        _refuse_overwrite(targets)  # again: something may have appeared meanwhile
+        # again: something may have appeared meanwhile
+        refuse_to_replace(targets.values(), "--out another folder")
     for export_format, target in targets.items():
         atomic_write_bytes(target, exported[export_format])
     return ExportResult(files=targets, deviations=deviations, info=info)

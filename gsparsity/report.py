@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import atomic_write_bytes, load_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
 from .experiment import LOG_FILE, RUN_INFO
 from .export import compressed_model_file
@@ -466,18 +466,13 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the figure is a PNG, give a name ending in .png")
     if not force:
-        _refuse_overwrite(out)  # before reading the folders and drawing
+        refuse_to_replace([out], "--out another file")  # before reading the folders and drawing
     comparisons = compare(folders, find)
     png = render_png(comparisons)
     if not force:
-        _refuse_overwrite(out)  # again: something may have appeared meanwhile
+        refuse_to_replace([out], "--out another file")  # again: something may have appeared meanwhile
     atomic_write_bytes(out, png)
     return format_table(comparisons), out
-
-
-def _refuse_overwrite(out: Path) -> None:
-    if out.exists():
-        raise UserError(f"{out} already exists; use --force to replace it, or --out another file")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
