@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import (  # noqa: E402
     add_memory_flag, command_line, environment_line, interleaved_medians, prepare, synchronize, timed,
 )
-from gsparsity.engine import amp_dtype, autocast  # noqa: E402  (the training scripts' mixed precision)
+from gsparsity.engine import autocast, make_scaler  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -74,7 +74,7 @@ def training_step(
     """
     criterion = nn.CrossEntropyLoss()
     device = images.device
-    scaler = torch.amp.GradScaler(device.type) if amp and amp_dtype(device) == torch.float16 else None
+    scaler = make_scaler(amp, device)
 
     def optimizer_step() -> None:
         if scaler is None:

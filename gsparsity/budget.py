@@ -36,12 +36,12 @@ from proxsgd import ProxSGD, group_model_parameters
 from .complexity import count_macs_params
 from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
-from .engine import autocast, backward_and_step, to_device
+from .engine import autocast, backward_and_step, make_scaler, to_device
 from .errors import UserError
 from .masks import Mask, compute_mask, member_rows, unit_norms
 from .pruned_resnet import build_pruned_resnet
 from .structure import prunable_convs, pruning_groups
-from .training import make_scaler, make_scheduler
+from .training import make_scheduler
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
@@ -160,7 +160,7 @@ class MuProbe:
                                         layer_adaptive=args.layer_adaptive, group=args.group)
         optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
                             normalization=args.normalization)
-        scaler = make_scaler(args, self.ctx)
+        scaler = make_scaler(args.amp, self.ctx.device)
         criterion = nn.CrossEntropyLoss()
         counted_from, counted = len(self.batches) // 2, 0
         zero_counts: dict[str, torch.Tensor] = {}

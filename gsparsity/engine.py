@@ -85,6 +85,14 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def make_scaler(amp: bool, device: torch.device) -> torch.amp.GradScaler | None:
+    """The GradScaler ``--amp`` needs on ``device``: one for fp16, whose range is narrow; none
+    for bf16 (see :func:`amp_dtype`) or without --amp."""
+    if amp and amp_dtype(device) == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
 def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return nullcontext()

@@ -25,7 +25,7 @@ from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove
                          restore_rng_state)
 from .data import Loaders, build_loaders, start_epoch
 from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
-from .engine import EpochMetrics, amp_dtype, train_one_epoch, validate
+from .engine import EpochMetrics, make_scaler, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars, start_logging
 from .models import build_model, load_pretrained
@@ -120,13 +120,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
     if args.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
-
-
-def make_scaler(args: argparse.Namespace, ctx: DistContext) -> torch.amp.GradScaler | None:
-    """fp16 autocast needs loss scaling; bf16 does not (see :func:`engine.amp_dtype`)."""
-    if args.amp and amp_dtype(ctx.device) == torch.float16:
-        return torch.amp.GradScaler(ctx.device.type)
-    return None
 
 
 def checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
@@ -315,7 +308,7 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
               plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
-              scalars=Scalars(folder, ctx), scaler=make_scaler(args, ctx),
+              scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
               start_epoch=args.start_epoch, **extra)
     if checkpoint is not None:
         restore(run, checkpoint)

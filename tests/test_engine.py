@@ -18,7 +18,6 @@ from torchvision.models import resnet18
 from gsparsity import engine
 from gsparsity.distributed import DistContext
 from gsparsity.stopping import StepGuard
-from gsparsity.training import make_scaler
 from proxsgd import ProxSGD, group_model_parameters
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -100,7 +99,6 @@ def test_amp_on_a_gpu_computes_in_bf16_where_it_has_it_else_fp16(monkeypatch, gp
 def test_a_grad_scaler_is_made_only_for_fp16(monkeypatch, gpu_has_bf16):
     """Loss scaling is for fp16's narrow range; bf16 runs go without the scaler's sync."""
     pretend_gpu_generation(monkeypatch, gpu_has_bf16)
-    amp = argparse.Namespace(amp=True)
-    assert make_scaler(amp, CPU) is None
-    assert make_scaler(argparse.Namespace(amp=False), FAKE_GPU) is None
-    assert isinstance(make_scaler(amp, FAKE_GPU), torch.amp.GradScaler) == (not gpu_has_bf16)
+    assert engine.make_scaler(True, CPU.device) is None
+    assert engine.make_scaler(False, FAKE_GPU.device) is None
+    assert isinstance(engine.make_scaler(True, FAKE_GPU.device), torch.amp.GradScaler) == (not gpu_has_bf16)
