@@ -90,7 +90,7 @@ def add_memory_flag(parser: argparse.ArgumentParser) -> None:
                              "gsparsity/cpu_memory.py); --no-keep-freed-memory measures malloc's default")
 
 
-def prepare(args) -> torch.device:
+def prepare(args: argparse.Namespace) -> torch.device:
     """Apply a bench's --threads, --seed and --keep-freed-memory (whether it took effect goes
     to ``args.freed_memory_kept``); the device it runs on (from --device)."""
     if args.threads is not None:

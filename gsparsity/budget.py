@@ -258,7 +258,7 @@ def search_step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[floa
     return lrs
 
 
-def first_batches(loader, count: int, seed: int | None) -> list:
+def first_batches(loader: DataLoader, count: int, seed: int | None) -> list:
     """The first ``count`` batches of epoch 0, starting over if the loader has fewer;
     kept so that every probe trains on the same ones."""
     start_epoch(loader, 0, seed)
@@ -294,7 +294,7 @@ def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_cla
     return goal
 
 
-def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader,
+def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader: DataLoader,
               num_classes: int, goal: int, full_macs: int) -> dict:
     """Run the budget search for ``goal`` MACs (from :func:`check_target`); returns its record
     for run_info.json (``"mu"``: the choice).

@@ -8,15 +8,17 @@ other processes when to stop; mid-epoch checkpoints are saved through a callback
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import image_folder_of
@@ -93,7 +95,7 @@ def make_scaler(amp: bool, device: torch.device) -> torch.amp.GradScaler | None:
     return None
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool) -> ContextManager[object]:
     if not enabled:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
@@ -131,7 +133,7 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     return (scaler._get_scale_async() < scale_before).to(torch.int64)
 
 
-def log_progress(bar, sums: MetricSums, ctx: DistContext, started: float, data_seconds: float,
+def log_progress(bar: Iterable, sums: MetricSums, ctx: DistContext, started: float, data_seconds: float,
                  where: str, lr: float) -> None:
     loss_avg, top1, top5, count = sums.averages()  # a host sync
     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -143,8 +145,8 @@ def log_progress(bar, sums: MetricSums, ctx: DistContext, started: float, data_s
                  f"lr {lr:.3g}")
 
 
-def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, args,
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, args: argparse.Namespace,
                     guard: StepGuard | None = None, first_step: int = 0,
                     save_progress: Callable[[int], None] | None = None) -> EpochMetrics:
     """Train one epoch, from ``first_step`` on if it was partly done before.
@@ -196,7 +198,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                         int(all_reduce_sum(scaler_skips.reshape(1)).item()))
 
 
-def settle_unreadable_images(loader, ctx: DistContext, what: str) -> None:
+def settle_unreadable_images(loader: DataLoader, ctx: DistContext, what: str) -> None:
     """After a pass over an ImageFolder: with --bad-images stop, stop naming the first
     unreadable file any process met; with skip, warn once with the count."""
     images = image_folder_of(loader)
@@ -217,7 +219,7 @@ def settle_unreadable_images(loader, ctx: DistContext, what: str) -> None:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader, criterion: nn.Module, ctx: DistContext, args,
+def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, ctx: DistContext, args: argparse.Namespace,
              description: str = "val") -> EpochMetrics:
     model.eval()
     sums = MetricSums(ctx.device)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import sys
+from types import FrameType
 from typing import Callable, Iterator, Sequence
 
 import torch.multiprocessing as mp
@@ -98,7 +99,7 @@ def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int) 
     context = mp.start_processes(spawned_worker, args=(workflow, args), nprocs=processes,
                                  join=False, start_method="spawn")
 
-    def forward(signum: int, frame) -> None:
+    def forward(signum: int, frame: FrameType | None) -> None:
         for process in context.processes:
             if process.is_alive():
                 os.kill(process.pid, signum)

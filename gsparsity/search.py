@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from proxsgd import ProxSGD, group_model_parameters
 
@@ -58,7 +59,7 @@ def check_ranks_agree(mask: dict[str, torch.Tensor], ctx: DistContext) -> None:
     log.info(f"mask agreed by all {ctx.world_size} processes")
 
 
-def sample_batch(dataset, device: torch.device) -> torch.Tensor:
+def sample_batch(dataset: Dataset, device: torch.device) -> torch.Tensor:
     count = min(CHECK_IMAGES, len(dataset))
     return torch.stack([dataset[index][0] for index in range(count)]).to(device)
 

@@ -116,7 +116,7 @@ def compile_if_asked(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LRScheduler:
     if args.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
