@@ -87,8 +87,21 @@ def processes_to_spawn(args: argparse.Namespace) -> int:
             raise UserError(f"--world-size {args.world_size}: spawning one process per node needs GPUs; "
                             f"on CPUs start every node with torchrun instead")
         return 0
+    if args.world_size > 1:
+        check_node_can_meet_the_others(args)
     gpus = torch.cuda.device_count()
     return gpus if gpus > 1 or args.world_size > 1 else 0
+
+
+def check_node_can_meet_the_others(args: argparse.Namespace) -> None:
+    """Refuse, before any process waits, a multi-node launch whose nodes would never meet:
+    each node needs its own --rank, and all of them the address of node 0."""
+    if not 0 <= args.rank < args.world_size:
+        raise UserError(f"--world-size {args.world_size}: give each node its --rank, 0 to "
+                        f"{args.world_size - 1} (got {args.rank})")
+    if args.dist_url == "env://" and not all(name in os.environ for name in ("MASTER_ADDR", "MASTER_PORT")):
+        raise UserError(f"--world-size {args.world_size} with --dist-url env://: set MASTER_ADDR and "
+                        f"MASTER_PORT to node 0's address on every node, or give --dist-url tcp://HOST:PORT")
 
 
 def free_port() -> int:

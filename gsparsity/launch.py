@@ -36,6 +36,10 @@ RESUME_OVERRIDES = {
     "world_size", "rank", "dist_timeout", "register", "registry", "evaluate",
     "checkpoint_every", "skip_nonfinite", "bad_images", "compile",
 }
+# Where a run executes comes from the command that resumes it, never from run_info.json:
+# a stored --gpu could not be cleared again, and the --rank and --world-size of the node
+# that wrote the file would make the other nodes, or fewer of them, wait for peers forever.
+LAUNCH_FLAGS = {"device", "gpu", "dist_url", "dist_backend", "world_size", "rank"}
 
 
 def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
@@ -48,13 +52,8 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
         if ignored:
             raise UserError(f"--resume continues a run with its own settings; these flags cannot "
                             f"change: --{', --'.join(ignored)}")
-        if "node_rank" in stored and "spawned_world_size" not in stored and "world_size" not in typed:
-            # Until 2026-11-25 a spawned run stored its number of processes as --world-size.
-            raise UserError(f"--resume {args.resume}: this run spawned one process per GPU and its "
-                            f"run_info.json keeps their count as --world-size; give --world-size NODES "
-                            f"(1 for a single node) to continue it")
         for key, value in stored.items():
-            if key not in typed and hasattr(args, key):
+            if key not in typed and key not in LAUNCH_FLAGS and hasattr(args, key):
                 setattr(args, key, value)
     return args
 

@@ -87,8 +87,34 @@ def pretend_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
 def test_a_plain_launch_spawns_one_process_per_gpu_and_joins_other_nodes_even_with_one(
         monkeypatch, gpus, nodes, spawned):
     pretend_gpus(monkeypatch, gpus)
-    args = launch.parse_args("original", ["--dummy", "--world-size", str(nodes)])
+    node = ["--rank", "0", "--dist-url", "tcp://127.0.0.1:29500"] if nodes > 1 else []
+    args = launch.parse_args("original", ["--dummy", "--world-size", str(nodes), *node])
     assert distributed.processes_to_spawn(args) == spawned
+
+
+@pytest.mark.parametrize("flags, environment, refusal", [
+    (["--dist-url", "tcp://127.0.0.1:29500"], {}, r"give each node its --rank, 0 to 1 \(got -1\)"),
+    (["--rank", "2", "--dist-url", "tcp://127.0.0.1:29500"], {}, r"give each node its --rank, 0 to 1 \(got 2\)"),
+    (["--rank", "1"], {}, "set MASTER_ADDR and MASTER_PORT to node 0's address on every node"),
+    (["--rank", "1"], {"MASTER_ADDR": "10.0.0.1"}, "set MASTER_ADDR and MASTER_PORT"),
+])
+def test_a_node_of_several_that_could_not_meet_the_others_is_refused_before_spawning(
+        monkeypatch, flags, environment, refusal):
+    """Every node would otherwise wait for its peers until --dist-timeout: nodes without
+    their own --rank all claim ranks 0..N-1, and env:// without MASTER_ADDR/PORT would
+    make each node its own master on a random port."""
+    pretend_gpus(monkeypatch, 4)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    args = launch.parse_args("original", ["--dummy", "--world-size", "2", *flags])
+    with pytest.raises(UserError, match=refusal):
+        distributed.processes_to_spawn(args)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
+    assert distributed.processes_to_spawn(args) == 4
 
 
 def test_several_nodes_without_gpus_and_without_torchrun_are_refused(monkeypatch):
@@ -98,16 +124,23 @@ def test_several_nodes_without_gpus_and_without_torchrun_are_refused(monkeypatch
         distributed.processes_to_spawn(args)
 
 
-def test_a_resumed_spawned_run_asks_for_as_many_processes_as_it_first_had(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # prepare_spawn fills these in otherwise
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    first = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
-    distributed.prepare_spawn(first, gpus_per_node=4)
+def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_ran(tmp_path, monkeypatch):
+    """run_info.json is written by rank 0 of node 0: restoring its --rank would give every
+    node rank 0, and its --gpu could not be cleared when resuming under torchrun."""
+    launch_flags = ["--device", "cuda", "--gpu", "0", "--world-size", "2", "--rank", "0",
+                    "--dist-url", "tcp://10.0.0.1:23456", "--dist-backend", "gloo"]
+    first = launch.parse_args("original", ["--dummy", "--epochs", "3", *launch_flags])
     write_run_info(tmp_path, first, "main_original.py", {})
     resumed = launch.parse_args("original", ["--resume", str(tmp_path)])
-    distributed.prepare_spawn(resumed, gpus_per_node=4)
-    assert first.spawned_world_size == resumed.spawned_world_size == 8
-    assert first.node_rank == resumed.node_rank == 1
+    defaults = launch.parse_args("original", ["--dummy"])
+    for flag in ("device", "gpu", "world_size", "rank", "dist_url", "dist_backend"):
+        assert getattr(resumed, flag) == getattr(defaults, flag), flag
+    assert resumed.epochs == 3 and resumed.dummy  # the run's own settings do come back
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert distributed.process_place(resumed, None) == (1, 2, 1)  # no "--gpu 0 under torchrun"
+    node_one = launch.parse_args("original", ["--resume", str(tmp_path), "--world-size", "2", "--rank", "1"])
+    assert (node_one.world_size, node_one.rank) == (2, 1)
 
 
 def test_gpu_is_refused_with_several_nodes_without_torchrun(monkeypatch):
@@ -115,15 +148,6 @@ def test_gpu_is_refused_with_several_nodes_without_torchrun(monkeypatch):
     args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--gpu", "1"])
     with pytest.raises(UserError, match="--gpu 1 runs one process alone; with --world-size 2 leave it out"):
         distributed.processes_to_spawn(args)
-
-
-def test_a_run_spawned_before_spawned_world_size_existed_asks_for_the_node_count(tmp_path):
-    old = launch.parse_args("original", ["--dummy"])
-    old.world_size, old.node_rank = 4, 0  # what prepare_spawn used to leave in the args
-    write_run_info(tmp_path, old, "main_original.py", {})
-    with pytest.raises(UserError, match="give --world-size NODES .1 for a single node. to continue it"):
-        launch.parse_args("original", ["--resume", str(tmp_path)])
-    assert launch.parse_args("original", ["--resume", str(tmp_path), "--world-size", "1"]).world_size == 1
 
 
 def test_a_process_on_a_gpu_sets_cudnn_up(monkeypatch):
