@@ -194,8 +194,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         fetch_started = time.perf_counter()
     settle_unreadable_images(loader, ctx, f"epoch {epoch} train")
     loss_avg, top1, top5, count = sums.reduced().averages()
-    return EpochMetrics(loss_avg, top1, top5, count, time.perf_counter() - started, data_seconds,
-                        int(all_reduce_sum(scaler_skips.reshape(1)).item()))
+    # DDP gives every process the same gradients, so all skip the same steps: max, not sum.
+    skipped = int(all_reduce_max(scaler_skips.reshape(1)).item())
+    return EpochMetrics(loss_avg, top1, top5, count, time.perf_counter() - started, data_seconds, skipped)
 
 
 def settle_unreadable_images(loader: DataLoader, ctx: DistContext, what: str) -> None:

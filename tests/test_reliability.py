@@ -347,6 +347,20 @@ def test_steps_the_grad_scaler_skips_are_counted():
     assert scaler.get_scale() == 2.0  # halved once per skipped step
 
 
+def test_steps_skipped_by_every_process_alike_are_counted_once(monkeypatch):
+    """Under DDP every process sees the same averaged gradients and skips the same steps:
+    with 8 GPUs, 2 skipped steps are 2, not 16. Here all-reduces act as over two processes
+    that met the same overflows."""
+    monkeypatch.setattr(engine, "all_reduce_sum", lambda tensor: tensor.mul_(2))
+    monkeypatch.setattr(engine, "all_reduce_max", lambda tensor: tensor)
+    _, _, batches, args, guard = tiny_training(steps=5)
+    chain = nn.Sequential(nn.Linear(4, 4), InfiniteGradientAt({1, 3}), nn.Linear(4, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    metrics = engine.train_one_epoch(chain, batches, nn.CrossEntropyLoss(), torch.optim.SGD(chain.parameters(), lr=0.1),
+                                     scaler, CPU, 0, args, guard=guard)
+    assert metrics.scaler_skips == 2
+
+
 def test_nonfinite_weights_are_never_saved_and_the_message_names_them(tmp_path):
     run = tiny_run(tmp_path / "run")
     save_checkpoint(run, 0)
