@@ -227,8 +227,10 @@ def capture_rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        # This process's GPU only: reading every GPU's state would open a CUDA context on
+        # each of them, and a CPU run on a GPU machine would open one at all.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -240,7 +242,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((numpy["name"], np.array(numpy["keys"], dtype=np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available():
-        # A run resumed on fewer GPUs restores the ones it has.
-        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state.cpu(), device)
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_initialized():
+        if isinstance(cuda, (list, tuple)):  # checkpoints until 2026-11-25 held every GPU's state
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())

@@ -242,3 +242,53 @@ def test_captured_rng_state_is_plain_data_without_numpy_arrays():
     assert isinstance(state["numpy"]["keys"], list)
     assert all(isinstance(key, int) for key in state["numpy"]["keys"])
     assert isinstance(state["python"]["internal"], list)
+
+
+class FakeCudaGenerators:
+    """torch.cuda's generator functions for a process on GPU ``current`` of a machine with
+    several; records what is read and written, and refuses reading every GPU's state."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, initialized: bool, current: int = 1) -> None:
+        self.written: list[tuple[list[int], int]] = []
+        self.current = current
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([current], dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda state, device="cuda": self.written.append((state.tolist(), self.current)))
+
+        def every_gpu() -> None:
+            raise AssertionError("opens a CUDA context on every GPU")
+
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+
+
+def test_a_gpu_process_saves_and_restores_its_own_gpus_generator_only(monkeypatch, tmp_path):
+    gpus = FakeCudaGenerators(monkeypatch, initialized=True, current=1)
+    atomic_save({"rng": capture_rng_state()}, tmp_path / "checkpoint.pth.tar")
+    restore_rng_state(load_checkpoint(tmp_path / "checkpoint.pth.tar")["rng"])
+    assert gpus.written == [([1], 1)]
+
+
+def test_a_checkpoint_with_every_gpus_generator_restores_this_processs_one(monkeypatch):
+    gpus = FakeCudaGenerators(monkeypatch, initialized=True, current=1)
+    state = capture_rng_state()
+    state["cuda"] = [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]  # until 2026-11-25
+    restore_rng_state(state)
+    assert gpus.written == [([11], 1)]
+    gpus.current = 2  # a process on a GPU the old checkpoint has no state for keeps its own
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    restore_rng_state(state)
+    assert gpus.written == [([11], 1)]
+
+
+def test_a_process_that_never_used_cuda_leaves_the_gpus_alone(monkeypatch):
+    """A --device cpu run on a GPU machine."""
+    gpus = FakeCudaGenerators(monkeypatch, initialized=False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": pytest.fail("read a GPU's state"))
+    state = capture_rng_state()
+    assert "cuda" not in state
+    restore_rng_state({**state, "cuda": torch.tensor([5], dtype=torch.uint8)})
+    assert gpus.written == []
