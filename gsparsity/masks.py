@@ -33,13 +33,14 @@ group). It then folds what pruned channels still emit in eval mode:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torchvision
@@ -459,13 +460,32 @@ def compress_model(
 
 
 def output_deviation(full_model: nn.Module, small_model: nn.Module, batch: torch.Tensor) -> dict[str, float]:
-    """Largest |full - small| eval-mode output difference, absolute and relative to max |full|."""
-    with torch.no_grad(), evaluation_mode(full_model), evaluation_mode(small_model):
+    """Largest |full - small| eval-mode output difference, absolute and relative to max |full|,
+    computed in full fp32 precision."""
+    with torch.no_grad(), evaluation_mode(full_model), evaluation_mode(small_model), full_fp32_convolutions():
         full_output = full_model(batch.to(next(full_model.parameters()).device))
         small_output = small_model(batch.to(next(small_model.parameters()).device)).to(full_output.device)
     max_abs = (full_output - small_output).abs().max().item()
     scale = full_output.abs().max().item()
     return {"max_abs": max_abs, "relative": max_abs / scale if scale > 0 else max_abs}
+
+
+@contextlib.contextmanager
+def full_fp32_convolutions() -> Iterator[None]:
+    """cuDNN convolutions in full fp32 precision, then the setting as it was. From Ampere on
+    they default to TF32, whose rounding (about 1e-3 relative) would swamp the deviation
+    that compression itself causes (1e-5 or less where it is exact)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing in the old flag is an error
+        owner, name, full = conv, "fp32_precision", "ieee"
+    else:
+        owner, name, full = torch.backends.cudnn, "allow_tf32", False
+    previous = getattr(owner, name)
+    setattr(owner, name, full)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 def infer_arch(model: nn.Module) -> str:

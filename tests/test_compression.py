@@ -102,6 +102,22 @@ def test_filter_pruning_is_exact_when_pruned_channels_feed_1x1_convs_or_the_resi
     assert relative_deviation(full, small, images()) < 1e-5
 
 
+def test_the_compression_check_runs_in_full_fp32_precision_and_restores_the_setting():
+    """On Ampere and later GPUs cuDNN computes fp32 convolutions in TF32 by default: its
+    rounding would be reported as the compression's deviation."""
+    seen = []
+    full = full_model("resnet18")
+    full.register_forward_pre_hook(lambda module, inputs: seen.append(torch.backends.cudnn.conv.fp32_precision))
+    before = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # what torch sets by default
+    try:
+        compress_model(full, compute_mask(full, scope="conv12"), "conv12", check_input=images())
+        assert seen == ["ieee"]
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
+
+
 def test_filter_pruning_deviates_at_the_border_when_pruned_channels_feed_3x3_convs():
     full = full_model("resnet50")
     mask = keep_all_but(full, "conv12", ("conv1",))
