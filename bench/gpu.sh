@@ -47,9 +47,11 @@ train)
         --device cuda --amp --channels-last --batch-size 256 --image-size 224 --repeats 20 --compile
     # The search script itself, data loading included (its log prints img/s and the data
     # share): two epochs over FakeData's 10,000 images, the second without cuDNN's tuning.
+    # --gpu 0: one GPU, as the target says; without it a machine with several would spawn
+    # one process per GPU and split the batch.
     runs=$(mktemp -d)
     step "main_search_conv12.py on FakeData, amp + channels_last" "$python" main_search_conv12.py --dummy \
-        --device cuda --amp --channels-last -b 256 -j 12 --epochs 2 --print-freq 20 \
+        --device cuda --gpu 0 --amp --channels-last -b 256 -j 12 --epochs 2 --print-freq 20 \
         --path_to_save "$runs"
     rm -rf "$runs"
     ;;
