@@ -312,6 +312,9 @@ def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
         raise UserError(f"the validation set has {len(val_set)} image(s), fewer than the {ctx.world_size} "
                         f"processes: each needs at least one")
     per_process = args.batch_size // ctx.world_size
+    if per_process * ctx.world_size != args.batch_size and ctx.is_main:
+        log.warning(f"--batch-size {args.batch_size} does not split evenly over {ctx.world_size} processes: "
+                    f"each takes {per_process}, so a step trains on {per_process * ctx.world_size} images")
     seed = args.seed if args.seed is not None else 0
     # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.
     augment_seed = args.seed if args.seed is not None else secrets.randbits(62)

@@ -1,9 +1,11 @@
-"""Shared fixtures: a private cache for the demo digits, and a scratch registry."""
+"""Shared fixtures: a private cache for the demo digits, a scratch registry, the tool's log lines."""
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from captured_log import CapturedLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,6 +22,17 @@ def registry(tmp_path) -> Path:
     path = tmp_path / "list_of_models.py"
     shutil.copy(REPO / "list_of_models.py", path)
     return path
+
+
+@pytest.fixture
+def captured_log():
+    logger = logging.getLogger("gsparsity")
+    handler, level = CapturedLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

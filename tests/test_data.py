@@ -95,6 +95,15 @@ def test_batch_smaller_than_process_count_is_refused():
         build_loaders(loader_args(batch_size=1), two_processes)
 
 
+@pytest.mark.parametrize("batch_size, warned", [(8, True), (9, False)])
+def test_a_global_batch_that_does_not_split_evenly_over_the_processes_is_named(captured_log, batch_size, warned):
+    three_processes = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    loaders = build_loaders(loader_args(batch_size=batch_size, subset=30), three_processes)
+    assert loaders.train.batch_size == batch_size // 3
+    warning = "--batch-size 8 does not split evenly over 3 processes: each takes 2, so a step trains on 6 images"
+    assert (warning in captured_log.lines) == warned
+
+
 def test_fewer_validation_images_than_processes_are_refused():
     three_processes = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="the validation set has 2 image.s., fewer than the 3 processes"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from captured_log import CapturedLog
 from scripts import REPO, only_folder
 from torch import nn
 from torchvision import transforms
@@ -124,28 +125,6 @@ def write_image_folder(root: Path, broken: str | None = None) -> Path:
     if broken:
         (root / "train" / "a" / broken).write_bytes(b"these bytes are not a PNG file")
     return root
-
-
-class CapturedLog(logging.Handler):
-    """Records of the "gsparsity" logger (which does not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def captured_log():
-    logger = logging.getLogger("gsparsity")
-    handler, level = CapturedLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def tiny_run(folder: Path, **overrides) -> Run:
