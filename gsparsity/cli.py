@@ -18,7 +18,7 @@ from .registry import check_model_name
 
 # Defaults that differ between workflows: (lr, weight_decay, epochs).
 WORKFLOW_DEFAULTS = {
-    "search": (1e-3, 0.05, 60),  # weight_decay is the group-lasso gain mu here
+    "search": (1e-3, 0.05, 90),  # weight_decay is the group-lasso gain mu here
     "retrain": (0.1, 1e-4, 90),
     "original": (0.1, 1e-4, 90),
 }
@@ -97,8 +97,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             help="scale mu by sqrt(filter size) (mul) or its inverse (div)")
         add("--adaptive_lr", default=True, action=argparse.BooleanOptionalAction,
             help="ProxSGD's per-filter adaptive step (on, as in the paper)")
-        add("--layer_adaptive", default=True, action=argparse.BooleanOptionalAction,
-            help="2*mu in layer2 and layer3 (on, as in the paper)")
+        add("--layer_adaptive", default=None, action=argparse.BooleanOptionalAction,
+            help="2*mu in layer2 and layer3 (default: on for conv12, off for all_conv, as in the "
+                 "original's scripts)")
         add("--pruning_threshold", default=1e-6, type=float,
             help="filters with a smaller L2 norm are pruned")
         add("--group", default="filter", choices=("filter", "channel"),

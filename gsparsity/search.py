@@ -28,6 +28,9 @@ from .training import Run, data_and_starting_model, evaluate_only, fit, place_mo
 
 log = logging.getLogger("gsparsity")
 CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
+# --layer_adaptive when not given, as the original's scripts have it: its conv12 search doubles
+# mu in layer2 and layer3, its all_conv search gives every stage the same mu.
+LAYER_ADAPTIVE_BY_SCOPE = {"conv12": True, "all_conv": False}
 
 
 def experiment_name(args: argparse.Namespace, scope: str) -> str:
@@ -169,6 +172,8 @@ def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
 
 
 def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
+    if args.layer_adaptive is None:
+        args.layer_adaptive = LAYER_ADAPTIVE_BY_SCOPE[scope]
     # Everything that can refuse the input (the target too) comes before the experiment folder;
     # the registry first: it is quick to read, and otherwise only read when the search is over.
     check_registry_takes_name(args, ctx)
@@ -195,8 +200,9 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         return
     if ctx.is_main and not args.resume:
         write_run_info(folder, args, script, {"scope": scope, "budget": budget})
+    gains = ", 2x in layer2 and layer3" if args.layer_adaptive else ""
     log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
-             f"mu {args.weight_decay}, full model {format_macs_params(full_macs, full_params)}")
+             f"mu {args.weight_decay}{gains}, full model {format_macs_params(full_macs, full_params)}")
     fit(run, EpochEnd(run, scope, full_macs, full_params))
     if ctx.is_main:
         finish(args, folder, scope)

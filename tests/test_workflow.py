@@ -23,8 +23,11 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert {"run_info.json", "_log.txt", "checkpoint.pth.tar", "model_best.pth.tar",
             f"mask_{scope}_1e-06.json", f"small_model_{scope}_1e-06.pth.tar"} <= names
     assert any(name.startswith("events.out.tfevents") for name in names)
-    assert json.loads((folder / "run_info.json").read_text())["args"]["weight_decay"] == 2.5
+    stored = json.loads((folder / "run_info.json").read_text())["args"]
+    assert stored["weight_decay"] == 2.5
+    assert stored["layer_adaptive"] is (scope == "conv12")  # as in the original's two scripts
     log = (folder / "_log.txt").read_text()
+    assert ("mu 2.5, 2x in layer2 and layer3, full model" in log) is (scope == "conv12")
     assert f"loaded pretrained weights from {baseline}" in log  # logged before the folder existed
     zero, total = map(int, re.search(r"all: (\d+)/(\d+) zero filters", log).groups())
     assert 0 < zero < total
