@@ -41,7 +41,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers per process")
     add("--epochs", default=epochs, type=int, metavar="N")
     add("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (useful on restarts)")
-    add("-b", "--batch-size", default=256, type=int, metavar="N",
+    add("-b", "--batch-size", "--batch_size", default=256, type=int, metavar="N",
         help="global batch size, split across all processes")
     add("--lr", "--learning-rate", default=lr, type=float, dest="lr")
     add("--momentum", default=0.9, type=float)
@@ -121,6 +121,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     if kind == "retrain":
         add("--baseline_model", default=None, metavar="NAME",
             help="name of the compressed model in list_of_models.py")
+        add("--pruning_threshold", default=None, type=float, metavar="T",
+            help="retrain the search's compressed model at this threshold "
+                 "(small_model_<scope>_<T>.pth.tar in its folder; default: the registered one)")
     return parser
 
 
@@ -181,6 +184,8 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
             raise UserError(f"--budget-probes must be >= 1, got {args.budget_probes}")
         if not (args.budget_tolerance >= 0 and math.isfinite(args.budget_tolerance)):
             raise UserError(f"--budget-tolerance must be >= 0, got {args.budget_tolerance}")
+    if kind == "retrain" and args.pruning_threshold is not None:
+        positive("pruning_threshold", args.pruning_threshold)
     if kind == "retrain" and args.baseline_model is None and args.resume is None:
         raise UserError("say which compressed model to retrain: --baseline_model NAME "
                         "(a name in list_of_models.py)")

@@ -33,7 +33,7 @@ from .structure import SCOPES
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "list_of_models.py"
 MODELS_VARIABLE = "MODELS"
 FIELDS = ("experiment_dir", "small_model", "mask", "scope", "arch")  # every entry has these
-SMALL_MODEL_PATTERN = re.compile(r"small_model_(?P<suffix>.+)\.pth\.tar")  # as the search names them
+SMALL_MODEL_PATTERN = re.compile(r"small_model_(?P<suffix>.+)\.pth\.tar")  # as small_model_file names them
 FORBIDDEN_CATEGORIES = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph breaks
 INDENT = "    "
 
@@ -106,6 +106,15 @@ def _literal_models(node: ast.expr, path: Path) -> dict[str, dict[str, str]]:
 
 
 # --- looking up -------------------------------------------------------------------------
+
+def small_model_file(scope: str, threshold: float) -> str:
+    """The name a search gives its compressed model (the original's names: 1e-06, not 1e-6)."""
+    return f"small_model_{scope}_{threshold:g}.pth.tar"
+
+
+def mask_file(scope: str, threshold: float) -> str:
+    return f"mask_{scope}_{threshold:g}.json"
+
 
 def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> RegisteredModel:
     """The registered model called ``name``, its files checked to still be there."""

@@ -15,7 +15,7 @@ from .distributed import DistContext
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
-from .registry import registry_file, resolve
+from .registry import registry_file, resolve, small_model_file
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
 
 log = logging.getLogger("gsparsity")
@@ -38,7 +38,16 @@ def small_model_path(args: argparse.Namespace, scope: str) -> Path:
     if entry.scope != scope:
         raise UserError(f"--baseline_model {args.baseline_model} was searched with scope "
                         f"{entry.scope}; use main_reduce_retrain_{entry.scope}.py")
-    return entry.small_model
+    if args.pruning_threshold is None:
+        return entry.small_model
+    # As the original's retrain scripts: the file of that threshold in the search's folder.
+    path = entry.experiment_dir / small_model_file(scope, args.pruning_threshold)
+    if not path.is_file():
+        saved = sorted(file.name for file in entry.experiment_dir.glob(f"small_model_{scope}_*.pth.tar"))
+        raise UserError(f"--pruning_threshold {args.pruning_threshold:g}: the search behind "
+                        f"{args.baseline_model} has no {path.name} in {entry.experiment_dir} "
+                        f"(it has {', '.join(saved) or 'none'})")
+    return path
 
 
 def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:

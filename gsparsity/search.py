@@ -22,7 +22,8 @@ from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
 from .experiment import open_experiment, timestamp, write_run_info
 from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
-from .registry import check_can_register, register_experiment, registers_itself, registry_file
+from .registry import (check_can_register, mask_file, register_experiment, registers_itself, registry_file,
+                       small_model_file)
 from .sparsity import sparsity_report
 from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
 
@@ -41,14 +42,6 @@ def experiment_name(args: argparse.Namespace, scope: str) -> str:
         mu_part = f"wd_{args.weight_decay}"
     return (f"{scope}_lr_{args.lr}_momentum_{args.momentum}_{mu_part}"
             f"_normalization_{args.normalization}_pretrained_{args.pretrained is not None}_{timestamp()}")
-
-
-def small_model_file(scope: str, threshold: float) -> str:
-    return f"small_model_{scope}_{threshold:g}.pth.tar"
-
-
-def mask_file(scope: str, threshold: float) -> str:
-    return f"mask_{scope}_{threshold:g}.json"
 
 
 def check_ranks_agree(mask: dict[str, torch.Tensor], ctx: DistContext) -> None:
