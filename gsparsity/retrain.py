@@ -70,9 +70,12 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
                                       "num_classes": loaders.num_classes})
     macs, params = count_macs_params(model, 224)
     log.info(f"compressed {args.arch} ({scope}) from {source}: {format_macs_params(macs, params)} at 224x224")
-    if args.evaluate or not args.resume:  # what compression cost, before any retraining
+    if not args.resume:  # what compression cost, before any retraining
         evaluate_only(run, "inherited weights, before retraining")
     if args.evaluate:
+        if args.resume:  # the retrained weights, not the inherited ones
+            step = f" step {run.start_step}" if run.start_step else ""
+            evaluate_only(run, f"retrained weights, checkpoint at epoch {run.start_epoch}{step}")
         return
     if ctx.is_main and not args.resume:
         write_run_info(folder, args, script,

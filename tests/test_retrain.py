@@ -1,8 +1,10 @@
-"""gsparsity.retrain: which compressed model a retrain starts from."""
+"""gsparsity.retrain: which compressed model a retrain starts from, and what it reports."""
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script
 
 from gsparsity import launch
 from gsparsity.errors import UserError
@@ -55,3 +57,11 @@ def test_a_threshold_that_is_not_positive_is_refused_before_anything_runs(capsys
                     ["--dummy", "--baseline_model", "run", "--pruning_threshold", threshold])
     assert exit_info.value.code == 2
     assert "--pruning_threshold must be > 0" in capsys.readouterr().err
+
+
+def test_evaluating_a_resumed_retrain_reports_its_retrained_weights_under_that_name(search_and_retrain, tmp_path):
+    folder = tmp_path / "retrain_copy"  # a copy: the shared fixture's log stays as it was
+    shutil.copytree(search_and_retrain[1], folder)
+    result = run_script("main_reduce_retrain_conv12.py", "--resume", str(folder), "--evaluate")
+    assert "retrained weights, checkpoint at epoch 1: top1" in result.stdout
+    assert "inherited weights" not in result.stdout
