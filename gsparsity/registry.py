@@ -105,7 +105,7 @@ def _literal_models(node: ast.expr, path: Path) -> dict[str, dict[str, str]]:
     return models
 
 
-# --- looking up -------------------------------------------------------------------------
+# --- the files a search leaves ---------------------------------------------------------
 
 def small_model_file(scope: str, threshold: float) -> str:
     """The name a search gives its compressed model (the original's names: 1e-06, not 1e-6)."""
@@ -115,6 +115,8 @@ def small_model_file(scope: str, threshold: float) -> str:
 def mask_file(scope: str, threshold: float) -> str:
     return f"mask_{scope}_{threshold:g}.json"
 
+
+# --- looking up -------------------------------------------------------------------------
 
 def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> RegisteredModel:
     """The registered model called ``name``, its files checked to still be there."""
