@@ -55,6 +55,11 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
         for key, value in stored.items():
             if key not in typed and key not in LAUNCH_FLAGS and hasattr(args, key):
                 setattr(args, key, value)
+        moved = [f"--{key.replace('_', '-')} {stored[key]} (now {getattr(args, key)})"
+                 for key in sorted(LAUNCH_FLAGS) if key in stored and stored[key] != getattr(args, key)]
+        if moved:
+            print(f"note: --resume runs where this command says; the run started with "
+                  f"{', '.join(moved)}", file=sys.stderr)
     return args
 
 

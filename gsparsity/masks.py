@@ -475,12 +475,12 @@ def full_fp32_convolutions() -> Iterator[None]:
     """cuDNN convolutions in full fp32 precision, then the setting as it was. From Ampere on
     they default to TF32, whose rounding (about 1e-3 relative) would swamp the deviation
     that compression itself causes (1e-5 or less where it is exact)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing in the old flag is an error
-        owner, name, full = conv, "fp32_precision", "ieee"
-    else:
+    try:  # torch >= 2.9; mixing in the old flag is an error there
+        owner, name, full = torch.backends.cudnn.conv, "fp32_precision", "ieee"
+        previous = getattr(owner, name)
+    except (AttributeError, RuntimeError):
         owner, name, full = torch.backends.cudnn, "allow_tf32", False
-    previous = getattr(owner, name)
+        previous = getattr(owner, name)
     setattr(owner, name, full)
     try:
         yield

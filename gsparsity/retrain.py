@@ -74,8 +74,8 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         evaluate_only(run, "inherited weights, before retraining")
     if args.evaluate:
         if args.resume:  # the retrained weights, not the inherited ones
-            step = f" step {run.start_step}" if run.start_step else ""
-            evaluate_only(run, f"retrained weights, checkpoint at epoch {run.start_epoch}{step}")
+            step = f" and {run.start_step} step(s)" if run.start_step else ""
+            evaluate_only(run, f"retrained weights, after {run.start_epoch} epoch(s){step}")
         return
     if ctx.is_main and not args.resume:
         write_run_info(folder, args, script,

@@ -67,7 +67,8 @@ def test_bisection_stops_after_max_probes_with_the_nearest():
 
 
 def search_args(*flags: str):
-    return build_parser("search").parse_args(["--dummy", "-a", "resnet18", *flags])
+    # --layer_adaptive as search() resolves it for conv12, which these probes search
+    return build_parser("search").parse_args(["--dummy", "-a", "resnet18", "--layer_adaptive", *flags])
 
 
 def tiny_batches(count: int):

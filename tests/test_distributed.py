@@ -124,7 +124,7 @@ def test_several_nodes_without_gpus_and_without_torchrun_are_refused(monkeypatch
         distributed.processes_to_spawn(args)
 
 
-def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_ran(tmp_path, monkeypatch):
+def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_ran(tmp_path, monkeypatch, capsys):
     """run_info.json is written by rank 0 of node 0: restoring its --rank would give every
     node rank 0, and its --gpu could not be cleared when resuming under torchrun."""
     launch_flags = ["--device", "cuda", "--gpu", "0", "--world-size", "2", "--rank", "0",
@@ -132,6 +132,8 @@ def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_r
     first = launch.parse_args("original", ["--dummy", "--epochs", "3", *launch_flags])
     write_run_info(tmp_path, first, "main_original.py", {})
     resumed = launch.parse_args("original", ["--resume", str(tmp_path)])
+    note = capsys.readouterr().err  # said once, on one line, so that the move is not silent
+    assert note.count("\n") == 1 and "the run started with --device cuda (now auto), --dist-backend gloo" in note
     defaults = launch.parse_args("original", ["--dummy"])
     for flag in ("device", "gpu", "world_size", "rank", "dist_url", "dist_backend"):
         assert getattr(resumed, flag) == getattr(defaults, flag), flag

@@ -63,5 +63,5 @@ def test_evaluating_a_resumed_retrain_reports_its_retrained_weights_under_that_n
     folder = tmp_path / "retrain_copy"  # a copy: the shared fixture's log stays as it was
     shutil.copytree(search_and_retrain[1], folder)
     result = run_script("main_reduce_retrain_conv12.py", "--resume", str(folder), "--evaluate")
-    assert "retrained weights, checkpoint at epoch 1: top1" in result.stdout
+    assert "retrained weights, after 1 epoch(s): top1" in result.stdout
     assert "inherited weights" not in result.stdout
