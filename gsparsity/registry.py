@@ -116,6 +116,11 @@ def mask_file(scope: str, threshold: float) -> str:
     return f"mask_{scope}_{threshold:g}.json"
 
 
+def saved_small_models(folder: Path) -> list[Path]:
+    """The compressed models a search left in ``folder``, one per threshold it saved."""
+    return sorted(file for file in folder.iterdir() if SMALL_MODEL_PATTERN.fullmatch(file.name))
+
+
 # --- looking up -------------------------------------------------------------------------
 
 def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> RegisteredModel:
@@ -298,7 +303,7 @@ def register_experiment(name: str, folder: str | os.PathLike, path: str | os.Pat
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"experiment folder {folder}: no such folder")
-    small_models = [file for file in folder.iterdir() if SMALL_MODEL_PATTERN.fullmatch(file.name)]
+    small_models = saved_small_models(folder)
     if not small_models:
         raise UserError(f"experiment folder {folder} holds no small_model_*.pth.tar: "
                         f"has its search finished an epoch?")

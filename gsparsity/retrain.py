@@ -15,7 +15,7 @@ from .distributed import DistContext
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
-from .registry import registry_file, resolve, small_model_file
+from .registry import registry_file, resolve, saved_small_models, small_model_file
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
 
 log = logging.getLogger("gsparsity")
@@ -43,7 +43,7 @@ def small_model_path(args: argparse.Namespace, scope: str) -> Path:
     # As the original's retrain scripts: the file of that threshold in the search's folder.
     path = entry.experiment_dir / small_model_file(scope, args.pruning_threshold)
     if not path.is_file():
-        saved = sorted(file.name for file in entry.experiment_dir.glob(f"small_model_{scope}_*.pth.tar"))
+        saved = [file.name for file in saved_small_models(entry.experiment_dir)]
         raise UserError(f"--pruning_threshold {args.pruning_threshold:g}: the search behind "
                         f"{args.baseline_model} has no {path.name} in {entry.experiment_dir} "
                         f"(it has {', '.join(saved) or 'none'})")
