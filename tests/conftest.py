@@ -1,6 +1,7 @@
 """Shared fixtures: a private cache for the demo digits, a scratch registry, the tool's log lines."""
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,31 +37,31 @@ def captured_log():
 
 
 @pytest.fixture(scope="session")
-def baseline(tmp_path_factory) -> Path:
+def baseline(tmp_path_factory) -> Iterator[Path]:
     """A 10-class ResNet-50 trained for one tiny epoch by main_original.py (its model_best)."""
-    from scripts import TINY, only_folder, run_script
+    from scripts import TINY, only_folder, run_script, scratch_folder
 
-    save = tmp_path_factory.mktemp("baseline")
-    run_script("main_original.py", *TINY, "--lr", "0.05", "--path_to_save", str(save),
-               GSPARSITY_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
-    return only_folder(save, "original_resnet50_*") / "model_best.pth.tar"
+    with scratch_folder(tmp_path_factory, "baseline") as save:
+        run_script("main_original.py", *TINY, "--lr", "0.05", "--path_to_save", str(save),
+                   GSPARSITY_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
+        yield only_folder(save, "original_resnet50_*") / "model_best.pth.tar"
 
 
 @pytest.fixture(scope="session")
-def search_and_retrain(tmp_path_factory, baseline) -> tuple[Path, Path]:
+def search_and_retrain(tmp_path_factory, baseline) -> Iterator[tuple[Path, Path]]:
     """(search folder, retrain folder): a 2-epoch conv12 search that prunes some filters
     (lr 1 takes the full proximal step) and a 1-epoch retrain of its compressed model."""
-    from scripts import SEARCH_EPOCHS, TINY, only_folder, run_script
+    from scripts import SEARCH_EPOCHS, TINY, only_folder, run_script, scratch_folder
 
-    parent = tmp_path_factory.mktemp("search_and_retrain")
-    registry = parent / "list_of_models.py"
-    shutil.copy(REPO / "list_of_models.py", registry)
-    run_script("main_search_conv12.py", *TINY, "--epochs", str(SEARCH_EPOCHS), "--pretrained", str(baseline),
-               "--lr", "1", "--weight_decay", "3", "--path_to_save", str(parent),
-               "--register", "tiny", "--registry", str(registry))
-    run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "0.01", "--baseline_model", "tiny",
-               "--registry", str(registry), "--path_to_save", str(parent))
-    return only_folder(parent, "conv12_*"), only_folder(parent, "retrain_*")
+    with scratch_folder(tmp_path_factory, "search_and_retrain") as parent:
+        registry = parent / "list_of_models.py"
+        shutil.copy(REPO / "list_of_models.py", registry)
+        run_script("main_search_conv12.py", *TINY, "--epochs", str(SEARCH_EPOCHS), "--pretrained", str(baseline),
+                   "--lr", "1", "--weight_decay", "3", "--path_to_save", str(parent),
+                   "--register", "tiny", "--registry", str(registry))
+        run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "0.01", "--baseline_model", "tiny",
+                   "--registry", str(registry), "--path_to_save", str(parent))
+        yield only_folder(parent, "conv12_*"), only_folder(parent, "retrain_*")
 
 
 @pytest.fixture(scope="module")

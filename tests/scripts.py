@@ -1,8 +1,13 @@
 """Running the top-level scripts as a user would, for the end-to-end tests."""
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Smallest settings that still exercise everything: the demo digits at 16x16, 32 images.
@@ -25,3 +30,14 @@ def only_folder(parent: Path, pattern: str) -> Path:
     found = sorted(parent.glob(pattern))
     assert len(found) == 1, f"{pattern} in {parent}: {found}"
     return found[0]
+
+
+@contextmanager
+def scratch_folder(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder for a module- or session-wide fixture, removed when the fixture ends (pytest.ini
+    removes each passing test's own tmp_path; these would otherwise stay until the suite ends)."""
+    folder = factory.mktemp(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

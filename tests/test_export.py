@@ -1,8 +1,11 @@
 """Export: the compressed model rebuilt from its own checkpoint, written as TorchScript and ONNX
 that compute what PyTorch computes, at any batch size; refusals of what is not ours."""
+from collections.abc import Iterator
+
 import pytest
 import torch
 from numerics import eval_output, relative_deviation
+from scripts import scratch_folder
 from torch import nn
 
 from gsparsity.checkpoint import atomic_save, load_checkpoint
@@ -37,18 +40,20 @@ def randomised(model: nn.Module) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def small_model_files(tmp_path_factory) -> dict:
+def small_model_files(tmp_path_factory) -> Iterator[dict]:
     """{scope: a small-model file as a search writes it, of a randomly pruned ResNet-18}."""
     files = {}
-    for scope in ("conv12", "all_conv"):
-        torch.manual_seed(0)
-        mask = random_mask(scope)
-        model = randomised(build_pruned_resnet(ARCH, mask, scope, CLASSES))
-        files[scope] = tmp_path_factory.mktemp(f"small_{scope}") / f"small_model_{scope}_1e-06.pth.tar"
-        atomic_save({"epoch": 3, "arch": ARCH, "scope": scope, "num_classes": CLASSES,
-                     "mask": mask_to_record(mask, ARCH, scope, 1e-6), "state_dict": model.state_dict()},
-                    files[scope])
-    return files
+    with scratch_folder(tmp_path_factory, "small_models") as folder:
+        for scope in ("conv12", "all_conv"):
+            torch.manual_seed(0)
+            mask = random_mask(scope)
+            model = randomised(build_pruned_resnet(ARCH, mask, scope, CLASSES))
+            (folder / scope).mkdir()
+            files[scope] = folder / scope / f"small_model_{scope}_1e-06.pth.tar"
+            atomic_save({"epoch": 3, "arch": ARCH, "scope": scope, "num_classes": CLASSES,
+                         "mask": mask_to_record(mask, ARCH, scope, 1e-6), "state_dict": model.state_dict()},
+                        files[scope])
+        yield files
 
 
 @pytest.fixture(scope="module", params=["conv12", "all_conv"])

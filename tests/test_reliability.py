@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from captured_log import CapturedLog
-from scripts import REPO, only_folder
+from scripts import REPO, only_folder, scratch_folder
 from torch import nn
 from torchvision import transforms
 
@@ -151,13 +152,13 @@ def tiny_run(folder: Path, **overrides) -> Run:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory) -> Iterator[Path]:
     """The experiment folder of an uninterrupted seeded QUICK search (run in-process)."""
-    save = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GSPARSITY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        main(*SEARCH, [*QUICK, "--path_to_save", str(save)])
-    return only_folder(save, "conv12_*")
+    with scratch_folder(tmp_path_factory, "reference") as save:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GSPARSITY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+            main(*SEARCH, [*QUICK, "--path_to_save", str(save)])
+        yield only_folder(save, "conv12_*")
 
 
 # --- 1. killed at random moments, resumed -----------------------------------------------

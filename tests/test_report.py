@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 from PIL import Image
-from scripts import SEARCH_EPOCHS
+from scripts import SEARCH_EPOCHS, scratch_folder
 
 from gsparsity.checkpoint import load_checkpoint
 from gsparsity.errors import UserError
@@ -22,11 +22,11 @@ def tiny_runs(search_and_retrain):
 @pytest.fixture(scope="module")
 def runs_without_events(tiny_runs, tmp_path_factory):
     """Copies of both folders holding no TensorBoard files: only _log.txt is left to read."""
-    parent = tmp_path_factory.mktemp("without_events")
     tensorboard_files = shutil.ignore_patterns("events.out.tfevents.*", "*_per_stage_*")  # add_scalars folders
-    for folder in tiny_runs:
-        shutil.copytree(folder, parent / folder.name, ignore=tensorboard_files)
-    return tuple(parent / folder.name for folder in tiny_runs)
+    with scratch_folder(tmp_path_factory, "without_events") as parent:
+        for folder in tiny_runs:
+            shutil.copytree(folder, parent / folder.name, ignore=tensorboard_files)
+        yield tuple(parent / folder.name for folder in tiny_runs)
 
 
 def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
