@@ -1,6 +1,6 @@
 """Time mask + build + transfer of a ResNet-50 with about half its filters pruned.
 
-    python bench/compress.py [--repeats 7] [--arch resnet50] [--threads N]
+    python bench/compress.py [--repeats 7] [--arch resnet50] [--threads N] [--no-keep-freed-memory]
 
 Target: under 0.5 s on a CPU for each scope. Prints the median over the repeats of
 compute_mask, build_pruned_resnet and transfer_model_parameters (and their total),
@@ -18,7 +18,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import timed  # noqa: E402
+from _timing import add_memory_flag, command_line, environment_line, prepare, timed  # noqa: E402
 from gsparsity.masks import compute_mask, transfer_model_parameters  # noqa: E402
 from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
 from gsparsity.structure import prunable_convs  # noqa: E402
@@ -50,11 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
+    add_memory_flag(parser)
+    parser.set_defaults(device="cpu", seed=0)  # what prepare() reads; sparse_model seeds itself
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"$ python {' '.join(sys.argv)}")
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} repeats")
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats and --threads must be >= 1")
+    prepare(args)
+    print("command: " + command_line())
+    print(environment_line(args) + f", median of {args.repeats} repeats")
     for scope in ("conv12", "all_conv"):
         model = sparse_model(args.arch, scope)
         runs = [time_once(model, args.arch, scope) for _ in range(args.repeats)]

@@ -17,7 +17,7 @@ from torchvision.models import resnet50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from _timing import command_line, interleaved_medians, prepare  # noqa: E402
+from _timing import add_memory_flag, command_line, environment_line, interleaved_medians, prepare  # noqa: E402
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
 
 
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
+    add_memory_flag(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
@@ -75,7 +76,7 @@ def median_step_ms(optimizers: dict[str, torch.optim.Optimizer], repeats: int, w
 def report(medians: dict[str, float], args: argparse.Namespace) -> str:
     lines = [
         "command: " + command_line(),
-        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        environment_line(args),
         f"repeats {args.repeats}, warmup {args.warmup}, channels_last {args.channels_last}",
         f"{'optimizer':<10} {'median ms/step':>15}",
     ]

@@ -23,6 +23,7 @@ def run_bench(*argv: str) -> str:
 
 def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
     out = run_bench("bench/optimizer_step.py", "--repeats", "1", "--warmup", "0", "--threads", "1", "--channels-last")
+    assert out.splitlines()[1].endswith("1 CPU threads, freed memory kept")  # as the scripts run on the CPU
     assert "channels_last True" in out
     assert re.search(rf"ProxSGD/Adam {RATIO}", out) and re.search(rf"ProxSGD/SGD  {RATIO}", out)
 
@@ -58,7 +59,8 @@ def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_an
 
 
 def test_compress_prints_its_time_against_the_target():
-    out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1")
+    out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1", "--no-keep-freed-memory")
+    assert "1 CPU threads, malloc's default" in out.splitlines()[1]
     assert re.search(rf"resnet50 conv12: {RATIO} s .*target < 0.5 s", out)
 
 

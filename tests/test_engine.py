@@ -1,4 +1,5 @@
-"""The training step: mixed precision, and no waiting on the device between print steps.
+"""The training step: mixed precision, no waiting on the device between print steps, and
+the share of its time spent waiting for data.
 
 On a GPU, a step that reads a value back (``.item()``, ``.tolist()``, ``bool(tensor)``) or
 copies a tensor made from Python data to the device waits until the GPU has caught up,
@@ -8,6 +9,8 @@ the tests count those operations on the CPU, where the same code runs them.
 from __future__ import annotations
 
 import argparse
+import re
+import time
 
 import pytest
 import torch
@@ -102,3 +105,41 @@ def test_a_grad_scaler_is_made_only_for_fp16(monkeypatch, gpu_has_bf16):
     assert engine.make_scaler(True, CPU.device) is None
     assert engine.make_scaler(False, FAKE_GPU.device) is None
     assert isinstance(engine.make_scaler(True, FAKE_GPU.device), torch.amp.GradScaler) == (not gpu_has_bf16)
+
+
+class SlowLoader:
+    """Batches that each take ``seconds`` to arrive, as from a loader that cannot keep up."""
+
+    def __init__(self, batches: list, seconds: float) -> None:
+        self.batches, self.seconds = batches, seconds
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.seconds)
+            yield batch
+
+
+def data_share_of_an_epoch(loader, captured_log) -> tuple[int, engine.EpochMetrics]:
+    """The "data N%" that the progress line printed at the epoch's last step, and the
+    epoch's figures."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 3, 8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(channels_last=False, amp=False, print_freq=2)
+    metrics = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, None, CPU, 0, args)
+    progress = [line for line in captured_log.lines if line.startswith("epoch 0 [4/4]")]
+    share = re.search(r" data (\d+)% ", progress[-1])
+    return int(share.group(1)), metrics
+
+
+def test_the_progress_line_says_what_share_of_the_time_went_to_waiting_for_data(captured_log):
+    batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 2])) for _ in range(4)]
+    slow_share, slow = data_share_of_an_epoch(SlowLoader(batches, 0.25), captured_log)
+    fast_share, fast = data_share_of_an_epoch(batches, captured_log)
+    # four waits of 0.25 s against steps of a few ms
+    assert slow.data_seconds >= 1.0 and slow_share >= 60
+    assert fast.data_seconds < 0.1 and fast_share <= 10
