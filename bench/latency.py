@@ -124,13 +124,13 @@ def macs_share(full: nn.Module, sparse: nn.Module, mask: Mask, scope: str, image
     return count_macs_params(small, image_size)[0] / count_macs_params(full, image_size)[0]
 
 
-def keep_ratio_for_macs(full: nn.Module, share: float, image_size: int, seed: int) -> float:
-    """The conv12 keep ratio whose random mask comes closest to ``share`` of the MACs (bisection)."""
+def keep_ratio_for_macs(full: nn.Module, share: float, image_size: int, seed: int, scope: str = "conv12") -> float:
+    """The keep ratio whose random ``scope`` mask comes closest to ``share`` of the MACs (bisection)."""
     low, high = 0.05, 1.0
     for _ in range(6):  # the MACs grow monotonically with the ratio; 6 halvings: +-0.015
         middle = (low + high) / 2
-        sparse = with_random_pruned_filters(full, middle, "conv12", seed)
-        if macs_share(full, sparse, compute_mask(sparse, THRESHOLD, "conv12"), "conv12", image_size) < share:
+        sparse = with_random_pruned_filters(full, middle, scope, seed)
+        if macs_share(full, sparse, compute_mask(sparse, THRESHOLD, scope), scope, image_size) < share:
             low = middle
         else:
             high = middle

@@ -2,11 +2,12 @@
 
     python bench/train_throughput.py --dummy [--device cpu] [--amp] [--channels-last]
                                      [--batch-size 16] [--image-size 64] [--compile]
-                                     [--threads N] [--no-keep-freed-memory]
+                                     [--threads N] [--no-keep-freed-memory] [--scope all_conv]
 
 search:  the full ResNet-50 with ProxSGD as the search sets it up (bench/search_step.py)
-retrain: a compressed ResNet-50 (random conv12 mask at about half the MACs, as in
-         bench/latency.py) with SGD(momentum 0.9, weight decay 1e-4), as the retrain runs it
+retrain: a compressed ResNet-50 (random mask of ``--scope``, conv12 by default, at about half
+         the MACs, as in bench/latency.py) with SGD(momentum 0.9, weight decay 1e-4), as the
+         retrain runs it
 With ``--compile`` each also runs as ``torch.compile(model)`` (the optimizer step stays
 eager): the first compiled step, which compiles forward and backward, is reported on
 its own, then eager and compiled steps are timed interleaved, so the steady-state
@@ -32,6 +33,7 @@ from _timing import (  # noqa: E402
 from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters  # noqa: E402
 from search_step import search_optimizer, synthetic_batch, training_step  # noqa: E402
 from gsparsity.masks import compress_model, compute_mask  # noqa: E402
+from gsparsity.structure import SCOPES  # noqa: E402
 
 RETRAIN_MACS_SHARE = 0.5
 
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--scope", choices=SCOPES, default="conv12", help="the retrained model's mask")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -62,11 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def retrain_model(full: nn.Module, image_size: int, seed: int) -> nn.Module:
-    """A compressed copy of ``full`` with a random conv12 mask at about half its MACs."""
-    ratio = keep_ratio_for_macs(full, RETRAIN_MACS_SHARE, image_size, seed)
-    sparse = with_random_pruned_filters(full, ratio, "conv12", seed)
-    return compress_model(sparse, compute_mask(sparse, THRESHOLD, "conv12"), "conv12", arch="resnet50")
+def retrain_model(full: nn.Module, image_size: int, seed: int, scope: str = "conv12") -> nn.Module:
+    """A compressed copy of ``full`` with a random ``scope`` mask at about half its MACs."""
+    ratio = keep_ratio_for_macs(full, RETRAIN_MACS_SHARE, image_size, seed, scope)
+    sparse = with_random_pruned_filters(full, ratio, scope, seed)
+    return compress_model(sparse, compute_mask(sparse, THRESHOLD, scope), scope, arch="resnet50")
 
 
 def retrain_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -77,7 +80,7 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Cal
     """{name: one training step} for search and retrain, eager, and compiled with --compile."""
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     full = torchvision.models.resnet50(weights=None)
-    models = {"search": full, "retrain": retrain_model(full, args.image_size, args.seed)}
+    models = {"search": full, "retrain": retrain_model(full, args.image_size, args.seed, args.scope)}
     optimizers = {"search": search_optimizer, "retrain": retrain_optimizer}
     images, target = synthetic_batch(args.batch_size, args.image_size, device)
     images = images.contiguous(memory_format=memory_format)
@@ -99,7 +102,7 @@ def report(medians: dict[str, float], compile_seconds: dict[str, float], args: a
         f"command: {command_line()}",
         environment_line(args),
         f"batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
-        f"channels_last {args.channels_last}; median of {args.repeats} interleaved steps "
+        f"channels_last {args.channels_last}, retrain mask {args.scope}; median of {args.repeats} interleaved steps "
         f"after {args.warmup} warm-up",
         f"{'step':<18} {'ms/step':>9} {'img/s':>8}",
     ]

@@ -53,8 +53,9 @@ def test_latency_prints_every_form_asked_for_and_the_target_verdict():
 
 def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_and_channels_last():
     out = run_bench("bench/train_throughput.py", "--dummy", "--batch-size", "2", "--image-size", "32",
-                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--amp", "--channels-last")
-    assert "amp True, channels_last True" in out
+                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--amp", "--channels-last",
+                    "--scope", "all_conv")
+    assert "amp True, channels_last True, retrain mask all_conv" in out
     assert re.search(rf"search eager +{RATIO} +{RATIO}", out) and re.search(rf"retrain eager +{RATIO} +{RATIO}", out)
 
 

@@ -1,4 +1,6 @@
 """Compression: the small model computes what the sparse full model computes, with fewer weights."""
+import copy
+
 import numerics
 import pytest
 import torch
@@ -159,6 +161,32 @@ def test_compressed_all_conv_model_trains_end_to_end():
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv").train()
     small(images(32)).sum().backward()
     assert all(parameter.grad is not None for parameter in small.parameters())
+
+
+def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_the_contiguous_one_does():
+    """The residual add of a block whose last conv is pruned must not hand the next block
+    a contiguous tensor: every conv after it would convert it back."""
+    full = full_model("resnet18")
+    # eval: BatchNorm's batch statistics over 2 images would amplify rounding differences
+    small = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
+    with torch.no_grad():
+        for block in small.modules():
+            if isinstance(block, PrunedResidualBlock):
+                block.residual_bias.normal_()  # as when constants of pruned channels are folded in
+    wide = copy.deepcopy(small).to(memory_format=torch.channels_last)
+    block_outputs = []
+    for block in wide.modules():
+        if isinstance(block, PrunedResidualBlock):
+            block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+    batch = images(32)
+    expected, output = small(batch), wide(batch.to(memory_format=torch.channels_last))
+    assert len(block_outputs) == 8
+    assert all(block_output.is_contiguous(memory_format=torch.channels_last) for block_output in block_outputs)
+    assert numerics.relative_deviation(expected, output) < 1e-5
+    expected.sum().backward()
+    output.sum().backward()
+    for (name, parameter), wide_parameter in zip(small.named_parameters(), wide.parameters()):
+        assert numerics.relative_deviation(parameter.grad, wide_parameter.grad) < 1e-5, name
 
 
 def test_compressed_model_infers_the_arch_of_the_full_model():
