@@ -65,16 +65,51 @@ class PrunedResidualBlock(nn.Module):
             if position < len(self.chain) - 1:
                 branch = self.relu(branch)
         identity = x if self.downsample is None else self.downsample(x)
-        # Out-of-place index_add returns a contiguous tensor whatever the input's layout:
-        # in channels_last every following conv would convert it back (1.6-1.8x slower
-        # training steps). So: a copy in the identity's layout, then the in-place ops.
-        out = identity.clone(memory_format=torch.preserve_format)
-        out.index_add_(1, self.kept_out, branch.to(identity.dtype))
+        out = add_at_channels(identity, self.kept_out, branch.to(identity.dtype))
         out.add_(self.residual_bias.to(out.dtype).view(1, -1, 1, 1))
         return self.relu(out)
 
     def extra_repr(self) -> str:
         return f"kept_out={self.kept_out.numel()} of {self.residual_bias.numel()} channels"
+
+
+def add_at_channels(identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``identity`` plus ``branch`` added at positions ``channels`` of dim 1, in the layout
+    of ``identity``; the gradient for ``branch`` comes back in the layout of ``branch``.
+
+    torch's own ``index_add`` returns a contiguous result whatever its inputs' layout,
+    and so does ``index_select``, its gradient for ``branch``: in channels_last, every
+    conv after the block then converted its input back, and the branch's last BatchNorm
+    ran its backward on mixed layouts (together 1.3-1.8x slower training steps).
+    """
+    if torch.is_grad_enabled() and (identity.requires_grad or branch.requires_grad):
+        return _AddAtChannels.apply(identity, channels, branch)
+    return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
+
+
+class _AddAtChannels(torch.autograd.Function):
+    """:func:`add_at_channels` with a backward that keeps ``branch``'s layout."""
+
+    @staticmethod
+    def forward(ctx, identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(channels)
+        ctx.branch_shape, ctx.branch_format = branch.shape, _memory_format(branch)
+        return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        (channels,) = ctx.saved_tensors
+        grad_branch = torch.empty(ctx.branch_shape, dtype=grad.dtype, device=grad.device,
+                                  memory_format=ctx.branch_format)
+        torch.index_select(grad, 1, channels, out=grad_branch)
+        return grad, None, grad_branch
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last where ``tensor`` is laid out so (and not also plainly contiguous)."""
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def build_pruned_resnet(arch: str, mask: Mask, scope: str, num_classes: int = 1000) -> nn.Module:

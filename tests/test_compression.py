@@ -165,7 +165,8 @@ def test_compressed_all_conv_model_trains_end_to_end():
 
 def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_the_contiguous_one_does():
     """The residual add of a block whose last conv is pruned must not hand the next block
-    a contiguous tensor: every conv after it would convert it back."""
+    a contiguous tensor, nor its branch a contiguous gradient: every conv after it would
+    convert it back, and the branch's last BatchNorm would run its backward on mixed layouts."""
     full = full_model("resnet18")
     # eval: BatchNorm's batch statistics over 2 images would amplify rounding differences
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
@@ -174,10 +175,13 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
             if isinstance(block, PrunedResidualBlock):
                 block.residual_bias.normal_()  # as when constants of pruned channels are folded in
     wide = copy.deepcopy(small).to(memory_format=torch.channels_last)
-    block_outputs = []
+    block_outputs, branch_gradients = [], []
     for block in wide.modules():
         if isinstance(block, PrunedResidualBlock):
             block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+            last_bn = getattr(block, block.chain[-1][1])
+            last_bn.register_full_backward_hook(
+                lambda module, grad_input, grad_output: branch_gradients.append(grad_output[0]))
     batch = images(32)
     expected, output = small(batch), wide(batch.to(memory_format=torch.channels_last))
     assert len(block_outputs) == 8
@@ -185,6 +189,8 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
     assert numerics.relative_deviation(expected, output) < 1e-5
     expected.sum().backward()
     output.sum().backward()
+    assert len(branch_gradients) == 8
+    assert all(gradient.is_contiguous(memory_format=torch.channels_last) for gradient in branch_gradients)
     for (name, parameter), wide_parameter in zip(small.named_parameters(), wide.parameters()):
         assert numerics.relative_deviation(parameter.grad, wide_parameter.grad) < 1e-5, name
 
