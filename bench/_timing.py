@@ -90,6 +90,15 @@ def add_memory_flag(parser: argparse.ArgumentParser) -> None:
                              "gsparsity/cpu_memory.py); --no-keep-freed-memory measures malloc's default")
 
 
+def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, as argparse does (one usage line, exit 2), sizes below 1 and a CUDA device
+    that is not there: the checks of the benches that time training steps."""
+    if min(args.batch_size, args.image_size, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --image-size and --repeats must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+
+
 def prepare(args: argparse.Namespace) -> torch.device:
     """Apply a bench's --threads, --seed and --keep-freed-memory (whether it took effect goes
     to ``args.freed_memory_kept``); the device it runs on (from --device)."""

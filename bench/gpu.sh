@@ -2,7 +2,8 @@
 # The GPU figures BENCHMARKS.md asks for, in two parts that each fit in 10 minutes on one
 # H100 (estimated):
 #
-#   bash bench/gpu.sh train     # optimizer step, search step, training img/s, a real search run
+#   bash bench/gpu.sh train     # optimizer step, search step, training img/s, the all_conv
+#                               # residual add, a real search run
 #   bash bench/gpu.sh latency   # eval latency, full vs compressed, fp32 / channels_last / amp / compiled
 #
 # Output goes to the terminal and to $RESULTS/gpu-<part>.txt (default RESULTS:
@@ -45,6 +46,8 @@ train)
         --batch-size 256 --image-size 224 --repeats 20
     step "training img/s, amp + channels_last, torch.compile" "$python" bench/train_throughput.py --dummy \
         --device cuda --amp --channels-last --batch-size 256 --image-size 224 --repeats 20 --compile
+    step "all_conv retrain step, residual add: index_add vs add_at_channels, channels_last" "$python" \
+        bench/residual_add.py --device cuda --channels-last --batch-size 256 --image-size 224 --repeats 20
     # The search script itself, data loading included (its log prints img/s and the data
     # share): two epochs over FakeData's 10,000 images, the second without cuDNN's tuning.
     # --gpu 0: one GPU, as the target says; without it a machine with several would spawn

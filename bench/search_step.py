@@ -28,7 +28,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import (  # noqa: E402
-    add_memory_flag, command_line, environment_line, interleaved_medians, prepare, synchronize, timed,
+    add_memory_flag, check_step_args, command_line, environment_line, interleaved_medians, prepare, synchronize,
+    timed,
 )
 from gsparsity.engine import autocast, make_scaler  # noqa: E402  (the training scripts' mixed precision)
 from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
@@ -50,10 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_memory_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.image_size, args.repeats) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --image-size and --repeats must be >= 1, --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
+    check_step_args(parser, args)
     return args
 
 

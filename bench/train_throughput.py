@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import (  # noqa: E402
-    add_memory_flag, command_line, environment_line, interleaved_medians, prepare, timed,
+    add_memory_flag, check_step_args, command_line, environment_line, interleaved_medians, prepare, timed,
 )
 from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters  # noqa: E402
 from search_step import search_optimizer, synthetic_batch, training_step  # noqa: E402
@@ -58,10 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.dummy:
         parser.error("only synthetic data is supported: pass --dummy")
-    if min(args.batch_size, args.image_size, args.repeats) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --image-size and --repeats must be >= 1, --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
+    check_step_args(parser, args)
     return args
 
 

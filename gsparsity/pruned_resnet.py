@@ -80,9 +80,11 @@ def add_at_channels(identity: torch.Tensor, channels: torch.Tensor, branch: torc
     torch's own ``index_add`` returns a contiguous result whatever its inputs' layout,
     and so does ``index_select``, its gradient for ``branch``: in channels_last, every
     conv after the block then converted its input back, and the branch's last BatchNorm
-    ran its backward on mixed layouts (together 1.3-1.8x slower training steps).
+    ran its backward on mixed layouts (BENCHMARKS.md, ``bench/residual_add.py``).
     """
-    if torch.is_grad_enabled() and (identity.requires_grad or branch.requires_grad):
+    needs_grad = torch.is_grad_enabled() and (identity.requires_grad or branch.requires_grad)
+    # A trace would record the Python-defined Function as an op it cannot save.
+    if needs_grad and not torch.jit.is_tracing():
         return _AddAtChannels.apply(identity, channels, branch)
     return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
 
@@ -97,8 +99,12 @@ class _AddAtChannels(torch.autograd.Function):
         return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None]:
         (channels,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[2]:
+            return grad, None, None
+        if grad.requires_grad:  # a double backward: out= ops are not differentiable
+            return grad, None, grad.index_select(1, channels).contiguous(memory_format=ctx.branch_format)
         grad_branch = torch.empty(ctx.branch_shape, dtype=grad.dtype, device=grad.device,
                                   memory_format=ctx.branch_format)
         torch.index_select(grad, 1, channels, out=grad_branch)

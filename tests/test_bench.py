@@ -59,6 +59,14 @@ def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_an
     assert re.search(rf"search eager +{RATIO} +{RATIO}", out) and re.search(rf"retrain eager +{RATIO} +{RATIO}", out)
 
 
+def test_residual_add_prints_both_forms_and_their_ratio():
+    out = run_bench("bench/residual_add.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--channels-last")
+    assert "channels_last True" in out and out.splitlines()[1].endswith("freed memory kept")
+    assert re.search(rf"torch index_add +{RATIO} +{RATIO}", out) and re.search(rf"add_at_channels +{RATIO} +{RATIO}", out)
+    assert re.search(rf"torch index_add step / add_at_channels step {RATIO}", out)
+
+
 def test_compress_prints_its_time_against_the_target():
     out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1", "--no-keep-freed-memory")
     assert "1 CPU threads, malloc's default" in out.splitlines()[1]

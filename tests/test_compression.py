@@ -1,5 +1,6 @@
 """Compression: the small model computes what the sparse full model computes, with fewer weights."""
 import copy
+import io
 
 import numerics
 import pytest
@@ -11,7 +12,7 @@ import models_with_reduce_all_conv
 import models_with_reduce_conv12
 from gsparsity.errors import UserError
 from gsparsity.masks import compress_model, compute_mask, transfer_model_parameters
-from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, build_pruned_resnet
+from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, add_at_channels, build_pruned_resnet
 from gsparsity.structure import prunable_convs, residual_blocks
 
 NUM_CLASSES = 10
@@ -182,7 +183,7 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
             last_bn = getattr(block, block.chain[-1][1])
             last_bn.register_full_backward_hook(
                 lambda module, grad_input, grad_output: branch_gradients.append(grad_output[0]))
-    batch = images(32)
+    batch = images(64)  # at 32x32 layer4 runs at 1x1, where both layouts are the same
     expected, output = small(batch), wide(batch.to(memory_format=torch.channels_last))
     assert len(block_outputs) == 8
     assert all(block_output.is_contiguous(memory_format=torch.channels_last) for block_output in block_outputs)
@@ -193,6 +194,64 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
     assert all(gradient.is_contiguous(memory_format=torch.channels_last) for gradient in branch_gradients)
     for (name, parameter), wide_parameter in zip(small.named_parameters(), wide.parameters()):
         assert numerics.relative_deviation(parameter.grad, wide_parameter.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("needs_grad", [("identity", "branch"), ("identity",), ("branch",)])
+def test_the_residual_add_at_kept_channels_has_index_adds_values_and_gradients(channels_last, needs_grad):
+    generator = torch.Generator().manual_seed(0)
+    identity, branch = (torch.randn(2, width, 3, 4, generator=generator, dtype=torch.float64)
+                        for width in (6, 3))
+    if channels_last:
+        identity, branch = (tensor.contiguous(memory_format=torch.channels_last) for tensor in (identity, branch))
+    identity.requires_grad_("identity" in needs_grad)
+    branch.requires_grad_("branch" in needs_grad)
+    channels = torch.tensor([4, 0, 2])
+    inputs = [tensor for tensor in (identity, branch) if tensor.requires_grad]
+    weights = torch.randn(2, 6, 3, 4, generator=generator, dtype=torch.float64)
+    ours = torch.autograd.grad((add_at_channels(identity, channels, branch) * weights).sum(), inputs)
+    torchs = torch.autograd.grad((identity.index_add(1, channels, branch) * weights).sum(), inputs)
+    for gradient, expected in zip(ours, torchs):
+        assert torch.equal(gradient, expected)
+    assert torch.equal(add_at_channels(identity, channels, branch), identity.index_add(1, channels, branch))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_residual_add_at_kept_channels_passes_gradcheck_and_gradgradcheck(channels_last):
+    generator = torch.Generator().manual_seed(0)
+    identity, branch = (torch.randn(2, width, 3, 4, generator=generator, dtype=torch.float64)
+                        for width in (6, 3))
+    if channels_last:
+        identity, branch = (tensor.contiguous(memory_format=torch.channels_last) for tensor in (identity, branch))
+    inputs = (identity.requires_grad_(), branch.requires_grad_())
+
+    def residual_add(identity: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return add_at_channels(identity, torch.tensor([4, 0, 2]), branch)
+
+    assert torch.autograd.gradcheck(residual_add, inputs)
+    assert torch.autograd.gradgradcheck(residual_add, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method|save)` is deprecated:FutureWarning")
+def test_a_compressed_all_conv_model_traced_with_gradients_on_can_be_saved():
+    """torch.jit.trace records a Python-defined autograd Function as an op it cannot save."""
+    full = full_model("resnet18")
+    small = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
+    traced = torch.jit.trace(small, images(32))
+    torch.jit.save(traced, io.BytesIO())
+
+
+def test_a_compiled_all_conv_model_in_channels_last_gets_the_eager_gradients():
+    """--compile traces the residual add's autograd Function in one graph (no break)."""
+    full = full_model("resnet18")
+    eager = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
+    eager = eager.to(memory_format=torch.channels_last)
+    compiled = copy.deepcopy(eager)
+    batch = images(64).to(memory_format=torch.channels_last)
+    eager(batch).sum().backward()
+    torch.compile(compiled, fullgraph=True)(batch).sum().backward()
+    for (name, parameter), compiled_parameter in zip(eager.named_parameters(), compiled.parameters()):
+        assert numerics.relative_deviation(parameter.grad, compiled_parameter.grad) < 1e-4, name
 
 
 def test_compressed_model_infers_the_arch_of_the_full_model():
