@@ -86,7 +86,7 @@ def add_at_channels(identity: torch.Tensor, channels: torch.Tensor, branch: torc
     # A trace would record the Python-defined Function as an op it cannot save.
     if needs_grad and not torch.jit.is_tracing():
         return _AddAtChannels.apply(identity, channels, branch)
-    return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
+    return _scatter_add(identity, channels, branch)
 
 
 class _AddAtChannels(torch.autograd.Function):
@@ -96,7 +96,7 @@ class _AddAtChannels(torch.autograd.Function):
     def forward(ctx, identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(channels)
         ctx.branch_shape, ctx.branch_format = branch.shape, _memory_format(branch)
-        return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
+        return _scatter_add(identity, channels, branch)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None]:
@@ -109,6 +109,11 @@ class _AddAtChannels(torch.autograd.Function):
                                   memory_format=ctx.branch_format)
         torch.index_select(grad, 1, channels, out=grad_branch)
         return grad, None, grad_branch
+
+
+def _scatter_add(identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The sum itself: a copy of ``identity`` in its own layout, ``branch`` added in place."""
+    return identity.clone(memory_format=torch.preserve_format).index_add_(1, channels, branch)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:

@@ -196,37 +196,40 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
         assert numerics.relative_deviation(parameter.grad, wide_parameter.grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("needs_grad", [("identity", "branch"), ("identity",), ("branch",)])
-def test_the_residual_add_at_kept_channels_has_index_adds_values_and_gradients(channels_last, needs_grad):
+def residual_and_branch(channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 residual of 6 channels and a branch of 3, to be added at KEPT_CHANNELS."""
     generator = torch.Generator().manual_seed(0)
     identity, branch = (torch.randn(2, width, 3, 4, generator=generator, dtype=torch.float64)
                         for width in (6, 3))
     if channels_last:
         identity, branch = (tensor.contiguous(memory_format=torch.channels_last) for tensor in (identity, branch))
+    return identity, branch
+
+
+KEPT_CHANNELS = torch.tensor([4, 0, 2])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("needs_grad", [("identity", "branch"), ("identity",), ("branch",)])
+def test_the_residual_add_at_kept_channels_has_index_adds_values_and_gradients(channels_last, needs_grad):
+    identity, branch = residual_and_branch(channels_last)
     identity.requires_grad_("identity" in needs_grad)
     branch.requires_grad_("branch" in needs_grad)
-    channels = torch.tensor([4, 0, 2])
     inputs = [tensor for tensor in (identity, branch) if tensor.requires_grad]
-    weights = torch.randn(2, 6, 3, 4, generator=generator, dtype=torch.float64)
-    ours = torch.autograd.grad((add_at_channels(identity, channels, branch) * weights).sum(), inputs)
-    torchs = torch.autograd.grad((identity.index_add(1, channels, branch) * weights).sum(), inputs)
+    weights = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = torch.autograd.grad((add_at_channels(identity, KEPT_CHANNELS, branch) * weights).sum(), inputs)
+    torchs = torch.autograd.grad((identity.index_add(1, KEPT_CHANNELS, branch) * weights).sum(), inputs)
     for gradient, expected in zip(ours, torchs):
         assert torch.equal(gradient, expected)
-    assert torch.equal(add_at_channels(identity, channels, branch), identity.index_add(1, channels, branch))
+    assert torch.equal(add_at_channels(identity, KEPT_CHANNELS, branch), identity.index_add(1, KEPT_CHANNELS, branch))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_residual_add_at_kept_channels_passes_gradcheck_and_gradgradcheck(channels_last):
-    generator = torch.Generator().manual_seed(0)
-    identity, branch = (torch.randn(2, width, 3, 4, generator=generator, dtype=torch.float64)
-                        for width in (6, 3))
-    if channels_last:
-        identity, branch = (tensor.contiguous(memory_format=torch.channels_last) for tensor in (identity, branch))
-    inputs = (identity.requires_grad_(), branch.requires_grad_())
+    inputs = tuple(tensor.requires_grad_() for tensor in residual_and_branch(channels_last))
 
     def residual_add(identity: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        return add_at_channels(identity, torch.tensor([4, 0, 2]), branch)
+        return add_at_channels(identity, KEPT_CHANNELS, branch)
 
     assert torch.autograd.gradcheck(residual_add, inputs)
     assert torch.autograd.gradgradcheck(residual_add, inputs)
