@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 from .budget import parse_target
+from .distill import DISTILL_TEMPERATURE, DISTILL_WEIGHT, TEACHER_FROM_SEARCH
 from .errors import UserError
 from .pruned_resnet import ARCHS
 from .registry import check_model_name
@@ -52,6 +53,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("--lr-scheduler", default="step", choices=("step", "cosine"),
         help="step: x0.1 every --lr-step epochs; cosine: to zero over --epochs")
     add("--lr-step", default=30, type=int, metavar="N")
+    add("--warmup-epochs", default=0, type=int, metavar="N",
+        help="first N epochs: lr rises linearly, lr/N in the first to lr in the Nth; then "
+             "--lr-scheduler over the remaining epochs")
     add("-p", "--print-freq", default=10, type=int, metavar="N")
     add("--resume", default=None, metavar="DIR", help="experiment folder to continue")
     add("-e", "--evaluate", action="store_true", help="evaluate on the validation set and stop")
@@ -118,7 +122,17 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                  "from the target")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
+    if kind in ("retrain", "original"):
+        add("--label-smoothing", default=0.0, type=float, metavar="EPS",
+            help="label smoothing of the training loss (cross-entropy); validation loss stays plain")
     if kind == "retrain":
+        add("--distill", nargs="?", const=TEACHER_FROM_SEARCH, default=None, metavar="PATH",
+            help="knowledge distillation from the unpruned model: without PATH, the weights the "
+                 "search started from (its --pretrained); PATH: a state_dict or one of our checkpoints")
+        add("--distill-temperature", default=DISTILL_TEMPERATURE, type=float, metavar="T",
+            help="softmax temperature of the teacher's and the student's outputs in the distillation term")
+        add("--distill-weight", default=DISTILL_WEIGHT, type=float, metavar="A",
+            help="loss = (1-A) * cross-entropy + A * T^2 * KL(teacher || student), in [0, 1]")
         add("--baseline_model", default=None, metavar="NAME",
             help="name of the compressed model in list_of_models.py")
         add("--pruning_threshold", default=None, type=float, metavar="T",
@@ -184,6 +198,18 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
             raise UserError(f"--budget-probes must be >= 1, got {args.budget_probes}")
         if not (args.budget_tolerance >= 0 and math.isfinite(args.budget_tolerance)):
             raise UserError(f"--budget-tolerance must be >= 0, got {args.budget_tolerance}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UserError(f"--warmup-epochs must be >= 0 and less than --epochs ({args.epochs}), "
+                        f"got {args.warmup_epochs}")
+    if kind in ("retrain", "original") and not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if kind == "retrain":
+        positive("distill-temperature", args.distill_temperature)
+        if not 0 <= args.distill_weight <= 1:
+            raise UserError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+        if args.distill is None and (args.distill_temperature, args.distill_weight) != (DISTILL_TEMPERATURE,
+                                                                                        DISTILL_WEIGHT):
+            raise UserError("--distill-temperature and --distill-weight need --distill [PATH]")
     if kind == "retrain" and args.pruning_threshold is not None:
         positive("pruning_threshold", args.pruning_threshold)
     if kind == "retrain" and args.baseline_model is None and args.resume is None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
+from .distill import DistillationLoss, distill_record, load_teacher, teacher_file
 from .distributed import DistContext
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
@@ -56,11 +57,14 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     start_logging(ctx)
     # Resolve before making a folder, so a wrong name leaves nothing behind.
     script = f"main_reduce_retrain_{scope}.py"
-    source = (Path(read_run_info(args.resume, script)["small_model"]) if args.resume
-              else small_model_path(args, scope))
+    resumed = read_run_info(args.resume, script) if args.resume else None
+    source = Path(resumed["small_model"]) if resumed else small_model_path(args, scope)
+    teacher_path = None if args.evaluate else teacher_file(args, resumed)
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
     args.arch = mask_record["arch"]  # the searched model's, whatever -a says
+    teacher = None if teacher_path is None else load_teacher(teacher_path, args.arch, loaders.num_classes,
+                                                             ctx.device, args.channels_last)
     folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}", script)
     model = place_model(model, args, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -68,6 +72,12 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     run = start_run(args, ctx, folder, model, optimizer, loaders,
                     extra_checkpoint={"mask": mask_record, "scope": scope,
                                       "num_classes": loaders.num_classes})
+    if teacher is not None:
+        run.criterion = DistillationLoss(teacher, args.distill_temperature, args.distill_weight,
+                                         args.label_smoothing)
+        run.criterion.watch(run.model)
+        log.info(f"distilling from the unpruned {args.arch} in {teacher_path} (temperature "
+                 f"{args.distill_temperature:g}, weight {args.distill_weight:g})")
     macs, params = count_macs_params(model, 224)
     log.info(f"compressed {args.arch} ({scope}) from {source}: {format_macs_params(macs, params)} at 224x224")
     if not args.resume:  # what compression cost, before any retraining
@@ -78,8 +88,9 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
             evaluate_only(run, f"retrained weights, after {run.start_epoch} epoch(s){step}")
         return
     if ctx.is_main and not args.resume:
-        write_run_info(folder, args, script,
-                       {"scope": scope, "small_model": str(source.resolve()), "macs": macs, "params": params})
+        distill = {} if teacher_path is None else {"distill": distill_record(teacher_path, args)}
+        write_run_info(folder, args, script, {"scope": scope, "small_model": str(source.resolve()),
+                                              "macs": macs, "params": params, **distill})
         run.scalars.add("complexity/gmacs", macs / 1e9, 0)
         run.scalars.add("complexity/mparams", params / 1e6, 0)
     fit(run)

@@ -50,7 +50,8 @@ class Run:
     loaders: Loaders
     scalars: Scalars
     scaler: torch.amp.GradScaler | None = None
-    criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)  # the training loss
+    val_criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)  # always plain cross-entropy
     start_epoch: int = 0
     start_step: int = 0  # steps of start_epoch already done (a mid-epoch checkpoint)
     resume_rng: dict[str, Any] | None = None  # random state of a mid-epoch checkpoint
@@ -116,10 +117,25 @@ def compile_if_asked(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
+def make_criterion(args: argparse.Namespace) -> nn.Module:
+    """The training loss: cross-entropy, with ``--label-smoothing`` where the workflow has it."""
+    return nn.CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LRScheduler:
+    """The lr schedule, stepped once per epoch. ``--warmup-epochs N``: lr * (e + 1) / N in
+    epoch e < N, then the chosen schedule over the remaining epochs, from lr."""
+    warmup = getattr(args, "warmup_epochs", 0)
     if args.lr_scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
+    else:
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
+    if not warmup:
+        return main
+    # total_iters N - 1: the last warmup epoch is at lr already (1 for N = 1, where it stays at lr).
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0,
+                                             total_iters=max(warmup - 1, 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
@@ -275,7 +291,7 @@ def run_epoch(run: Run, epoch: int, guard: StepGuard, on_epoch_end: EpochHook | 
     check_weights_finite(run, epoch, guard.total_steps)  # before validation and the epoch hook
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
-    val = validate(run.model, run.loaders.val, run.criterion, run.ctx, run.args)
+    val = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.args)
     is_best = val.top1 > run.best_acc1
     run.best_acc1 = max(run.best_acc1, val.top1)
     report_epoch(run, epoch, train, val, lr)
@@ -309,7 +325,7 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
               plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
-              start_epoch=args.start_epoch, **extra)
+              criterion=make_criterion(args), start_epoch=args.start_epoch, **extra)
     if checkpoint is not None:
         restore(run, checkpoint)
         if ctx.is_main:
@@ -321,6 +337,6 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
 
 
 def evaluate_only(run: Run, what: str = "validation") -> EpochMetrics:
-    metrics = validate(run.model, run.loaders.val, run.criterion, run.ctx, run.args)
+    metrics = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.args)
     report_validation(metrics, what)
     return metrics

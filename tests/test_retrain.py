@@ -1,15 +1,29 @@
 """gsparsity.retrain: which compressed model a retrain starts from, and what it reports."""
+import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_script
+from scripts import TINY, only_folder, run_script
+from test_cli import ORIGINAL, RETRAIN, fails_with
+from torch import nn
 
-from gsparsity import launch
+from gsparsity import engine, launch
+from gsparsity.budget import search_step_lrs
+from gsparsity.checkpoint import load_checkpoint
+from gsparsity.distributed import DistContext
+from gsparsity.engine import train_one_epoch, validate
 from gsparsity.errors import UserError
+from gsparsity.experiment import setup_logging
 from gsparsity.registry import register
 from gsparsity.retrain import small_model_path
+from gsparsity.stopping import EXIT_PREEMPTED
+from gsparsity.training import make_scheduler, start_run
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def registered_search(registry: Path, folder: Path, thresholds: tuple[str, ...] = ("1e-06",)) -> None:
@@ -65,3 +79,107 @@ def test_evaluating_a_resumed_retrain_reports_its_retrained_weights_under_that_n
     result = run_script("main_reduce_retrain_conv12.py", "--resume", str(folder), "--evaluate")
     assert "retrained weights, after 1 epoch(s): top1" in result.stdout
     assert "inherited weights" not in result.stdout
+
+
+# --- --label-smoothing, --warmup-epochs -----------------------------------------------------
+
+def flags_of(kind: str, *flags: str) -> list[str]:
+    return ["--dummy", *(["--baseline_model", "run"] if kind == "retrain" else []), *flags]
+
+
+@pytest.mark.parametrize("kind", ["retrain", "original"])
+def test_label_smoothing_makes_the_training_loss_torchs_smoothed_cross_entropy_and_leaves_validation_plain(kind):
+    args = launch.parse_args(kind, flags_of(kind, "--label-smoothing", "0.2", "-p", "1"))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    images, target = 4 * torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    with torch.no_grad():
+        log_p = model(images).log_softmax(dim=1)
+    # torch's formula: (1 - eps) * CE against the label + eps * CE against the uniform distribution
+    smoothed = (0.8 * -log_p[range(5), target] + 0.2 * -log_p.mean(dim=1)).mean().item()
+    plain = -log_p[range(5), target].mean().item()
+    setup_logging(None, CPU)  # to this test's stdout (an earlier in-process run may have logged to its own)
+    run = start_run(args, CPU, None, model, torch.optim.SGD(model.parameters(), lr=0.1), loaders=None)
+    assert validate(model, [(images, target)], run.val_criterion, CPU, args).loss == pytest.approx(plain, rel=1e-6)
+    trained = train_one_epoch(run.model, [(images, target)], run.criterion, run.optimizer, None, CPU, 0, args)
+    assert trained.loss == pytest.approx(smoothed, rel=1e-6)  # of the batch before the step
+    assert abs(smoothed - plain) > 0.01
+
+
+@pytest.mark.parametrize("kind", ["retrain", "original"])
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_label_smoothing_outside_0_to_1_is_refused_in_one_line(capsys, kind, value):
+    script = {"retrain": RETRAIN, "original": ORIGINAL}[kind]
+    fails_with(capsys, script, flags_of(kind, "--label-smoothing", value), f"--label-smoothing must be in [0, 1), got")
+
+
+def epoch_lrs(kind: str, *flags: str) -> list[float]:
+    """The lr of each epoch under the schedule that the flags ask for (stepped once per epoch)."""
+    args = launch.parse_args(kind, flags_of(kind, "--lr", "0.1", *flags))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler = make_scheduler(optimizer, args)
+    lrs = []
+    for _ in range(args.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("kind", ["retrain", "original", "search"])
+def test_warmup_rises_linearly_to_lr_then_the_chosen_schedule_runs_over_the_remaining_epochs(kind):
+    cosine = epoch_lrs(kind, "--epochs", "6", "--warmup-epochs", "3", "--lr-scheduler", "cosine")
+    # cosine over 3 epochs from 0.1: 0.1 * (1 + cos(pi * e / 3)) / 2
+    assert cosine == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.075, 0.025])
+    step = epoch_lrs(kind, "--epochs", "6", "--warmup-epochs", "3", "--lr-step", "2")
+    assert step == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.01])
+    assert epoch_lrs(kind, "--epochs", "3", "--warmup-epochs", "1") == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_without_warmup_the_schedules_are_the_originals():
+    assert epoch_lrs("retrain", "--epochs", "5", "--lr-step", "2") == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    assert epoch_lrs("retrain", "--epochs", "4", "--lr-scheduler", "cosine") == pytest.approx(
+        [0.05 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)])
+
+
+def test_the_budgets_lr_per_step_follows_the_warmup():
+    args = launch.parse_args("search", ["--dummy", "--lr", "0.1", "--epochs", "3", "--warmup-epochs", "2"])
+    assert search_step_lrs(args, steps_per_epoch=2) == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("value", ["-1", "3"])
+def test_warmup_of_as_many_epochs_as_the_run_or_negative_is_refused_in_one_line(capsys, value):
+    fails_with(capsys, RETRAIN, flags_of("retrain", "--epochs", "3", "--warmup-epochs", value),
+               f"--warmup-epochs must be >= 0 and less than --epochs (3), got {value}")
+
+
+def test_a_resumed_retrain_with_warmup_distillation_and_label_smoothing_ends_equal_to_an_uninterrupted_one(
+        search_and_retrain, tmp_path, capsys, monkeypatch):
+    registry = search_and_retrain[0].parent / "list_of_models.py"
+    flags = [*TINY, "--lr", "0.01", "--baseline_model", "tiny", "--registry", str(registry), "--epochs", "3",
+             "--warmup-epochs", "2", "--lr-scheduler", "cosine", "--distill", "--label-smoothing", "0.1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch.main(*RETRAIN, [*flags, "--path_to_save", str(straight)])
+    log_progress = engine.log_progress
+
+    def stop_in_epoch_1(bar, sums, ctx, started, data_seconds, where, lr):  # a real SIGTERM mid-epoch
+        log_progress(bar, sums, ctx, started, data_seconds, where, lr)
+        if where == "epoch 1 [1/2]":
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(engine, "log_progress", stop_in_epoch_1)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(*RETRAIN, [*flags, "--path_to_save", str(stopped)])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    monkeypatch.undo()
+    folder = only_folder(stopped, "retrain_*")
+    saved = load_checkpoint(folder / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step"]) == (1, 1)  # mid-epoch, in the warmup
+    launch.main(*RETRAIN, ["--resume", str(folder)])
+    expected = load_checkpoint(only_folder(straight, "retrain_*") / "checkpoint.pth.tar")
+    actual = load_checkpoint(folder / "checkpoint.pth.tar")
+    assert actual["epoch"] == expected["epoch"] == 3
+    assert actual["scheduler"] == expected["scheduler"]
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][key], value), key
+    log = (folder / "_log.txt").read_text()
+    assert "epoch 0 [2/2]" in log and "lr 0.005" in log and "epoch 2 [2/2]" in log
