@@ -83,7 +83,8 @@ def mask_macs(arch: str, mask: Mask, scope: str, num_classes: int) -> int:
 
 
 def smallest_macs(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int) -> int:
-    """MACs of the model with every prunable filter pruned: no mu can go below this."""
+    """MACs of the model with every prunable filter pruned (every branch dropped, whatever the
+    scope): no mu can go below this."""
     everything = {prunable.name: torch.ones(prunable.conv.out_channels, dtype=torch.bool)
                   for prunable in prunable_convs(model, scope)}
     mask = compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=everything)
@@ -287,10 +288,10 @@ def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_cla
                         f"{full_macs / 1e9:.2f} GMac: nothing to prune")
     floor = smallest_macs(model, args, scope, num_classes)
     if goal < floor:
-        hint = "prune conv3 too (main_search_all_conv.py) or aim higher" if scope == "conv12" else "aim higher"
+        # Every branch dropped: stem, shortcuts and fc are all that is left, in either scope.
         raise UserError(f"--target-macs {args.target_macs} is below {floor / 1e9:.2f} GMac, the MACs left "
                         f"when every {scope} filter is pruned ({100 * floor / full_macs:.1f}% of the full "
-                        f"model): {hint}")
+                        f"model): aim higher")
     return goal
 
 

@@ -135,10 +135,21 @@ def load_compressed_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         model.load_state_dict(saved["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as error:
         raise UserError(f"{path}: its weights do not fit the model built from its mask "
-                        f"({str(error).strip().splitlines()[0]})") from None
+                        f"({str(error).strip().splitlines()[0]}){_older_layout_hint(saved, mask)}") from None
     info = {"path": path, "epoch": saved.get("epoch"),
             **{key: saved[key] for key in ("arch", "scope", "num_classes", "mask")}}
     return model.eval(), info
+
+
+def _older_layout_hint(saved: dict, mask: dict) -> str:
+    """Why an older file does not load: it kept one zero channel where a layer kept no filter,
+    where a compressed model now drops that block's branch (masks.dropped_blocks)."""
+    state_dict = saved["state_dict"] if isinstance(saved.get("state_dict"), dict) else {}
+    emptied = [name for name, row in mask.items() if not bool(row.any()) and f"{name}.weight" in state_dict]
+    if not emptied:
+        return ""
+    return (f"; it was saved when a layer that keeps no filter ({emptied[0]}) still had one channel, "
+            f"where its block's branch is now dropped: compress the search's full model again")
 
 
 # --- exporting and checking ----------------------------------------------------------

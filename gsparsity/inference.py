@@ -11,7 +11,8 @@ Which conv feeds which BatchNorm is read from the module tree, as
 ``structure.branch_chain`` does: a BatchNorm registered right after a Conv2d in the
 same parent module, with as many channels as the conv has filters. That is how the
 stem, the blocks' branches and the downsample shortcuts of torchvision's ResNets and
-of ``pruned_resnet.PrunedResidualBlock`` are laid out. A BatchNorm that uses batch
+of ``pruned_resnet.PrunedResidualBlock`` and ``ShortcutOnlyBlock`` (a shortcut only)
+are laid out. A BatchNorm that uses batch
 statistics in eval mode (``track_running_stats=False``) cannot be folded and is left.
 """
 from __future__ import annotations

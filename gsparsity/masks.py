@@ -6,11 +6,12 @@ the CPU, True for the filters that are kept. On disk (``save_mask`` /
 ``load_mask``) and in checkpoints (``mask_to_record`` / ``mask_from_record``) it is
 plain JSON data listing the indices of kept filters.
 
-``kept_indices`` is the single place that decides which channels the compressed
-model has. A layer whose filters were *all* pruned still keeps one channel,
-channel 0: the full model has it too (with zero weights), so the compressed model
-computes exactly the same function, and the block's branch stays connected (no
-zero-width convs, which PyTorch and most exporters reject).
+``kept_indices`` lists the channels the compressed model keeps of a layer. A block
+whose branch has a conv with *no* kept filter loses its whole branch
+(``dropped_blocks``), as in the original's compressed models: nothing passes that
+conv, so the block computes ``relu(shortcut(x) + constant)``
+(``pruned_resnet.ShortcutOnlyBlock``), and its branch convs and BatchNorms, their
+MACs and parameters, are gone; the other layers of that block keep nothing either.
 
 ``transfer_model_parameters`` copies the surviving weights into the small model
 (``pruned_resnet.build_pruned_resnet``) through a *channel plan*: pruning filter
@@ -30,6 +31,17 @@ group). It then folds what pruned channels still emit in eval mode:
   the padded taps see zeros instead of ``a_f``. If the residual add consumes it
   (``all_conv``, last conv of the branch, no ReLU before the add), ``c_f`` goes
   into the compressed block's ``residual_bias`` buffer at channel ``f``.
+
+A dropped branch still adds a constant to the residual in eval mode: after the last
+conv that keeps nothing, its BatchNorm emits ``c_f`` on every channel (0 with
+group="channel"), and the rest of the branch maps constants to constants
+(``dropped_branch_output``). That constant is the ``ShortcutOnlyBlock``'s
+``residual_bias``. It is exact where the rest of the branch has only 1x1 convs
+(conv2 or conv3 of a Bottleneck emptied) and with group="channel" (the constant
+reaching the next conv is 0, which zero padding does not change); where a nonzero
+constant feeds a 3x3 conv (conv1 of a Bottleneck or a BasicBlock emptied, with
+group="filter") it is exact away from the image border only, as above, and
+``compress_model(..., check_input=...)`` logs the deviation.
 """
 from __future__ import annotations
 
@@ -49,7 +61,8 @@ from torch import nn
 from .checkpoint import atomic_write_text
 from .complexity import evaluation_mode
 from .errors import UserError
-from .structure import RESIDUAL, SCOPES, PrunableConv, check_scope, prunable_convs, pruning_groups, unwrap
+from .structure import (RESIDUAL, SCOPES, PrunableConv, branch_chain, check_scope, prunable_convs, pruning_groups,
+                        unwrap)
 
 Mask = dict[str, torch.Tensor]
 ChannelPlan = dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
@@ -122,12 +135,16 @@ def unit_norms(members: list[PrunableConv]) -> torch.Tensor:
 
 
 def _round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_to: int) -> torch.Tensor:
-    """``mask_row`` plus the highest-norm pruned filters needed for a multiple of ``round_to`` kept."""
+    """``mask_row`` plus the highest-norm pruned filters needed for a multiple of ``round_to`` kept.
+
+    A layer that keeps nothing stays so (0 is a multiple): its block's branch is dropped
+    (``dropped_blocks``), which is cheaper than any width rounding would give it, and what
+    the original's compressed model does with such a layer.
+    """
     if round_to == 1:
         return mask_row
     kept = int(mask_row.sum())
-    # An all-pruned layer still has one channel (kept_indices): round that one up too.
-    wanted = min(mask_row.numel(), math.ceil(max(kept, 1) / round_to) * round_to)
+    wanted = min(mask_row.numel(), math.ceil(kept / round_to) * round_to)
     if wanted <= kept:
         return mask_row
     candidate_norms = filter_norms.masked_fill(mask_row, -math.inf)
@@ -138,21 +155,21 @@ def _round_kept_count(mask_row: torch.Tensor, filter_norms: torch.Tensor, round_
     return rounded
 
 
-def kept_indices(mask_row: torch.Tensor, unit: int = 1) -> torch.Tensor:
-    """Indices of the channels the compressed model keeps; the first ``unit`` channels
-    (channel 0, or a tied pair's first conv group) when none is True."""
-    kept = torch.nonzero(mask_row).flatten()
-    if kept.numel() == 0:
-        # Every filter is pruned: keep channel 0 (see the module docstring).
-        return torch.arange(unit, device=mask_row.device)
-    return kept
+def kept_indices(mask_row: torch.Tensor) -> torch.Tensor:
+    """Indices of the channels the compressed model keeps (none: the block's branch is dropped)."""
+    return torch.nonzero(mask_row).flatten()
 
 
-def pruned_indices(mask_row: torch.Tensor, unit: int = 1) -> torch.Tensor:
+def pruned_indices(mask_row: torch.Tensor) -> torch.Tensor:
     """Indices of the channels the compressed model drops: all but ``kept_indices``."""
-    dropped = torch.ones(mask_row.numel(), dtype=torch.bool, device=mask_row.device)
-    dropped[kept_indices(mask_row, unit)] = False
-    return torch.nonzero(dropped).flatten()
+    return torch.nonzero(~mask_row).flatten()
+
+
+def dropped_blocks(model: nn.Module, mask: Mask, scope: str) -> set[str]:
+    """Names of the residual blocks whose branch has a prunable conv keeping no filter:
+    the compressed model drops their whole branch (module docstring)."""
+    return {prunable.block_name for prunable in prunable_convs(plain_model(model), scope)
+            if not bool(mask[prunable.name].any())}
 
 
 def reference_model(arch: str, num_classes: int = 1000) -> nn.Module:
@@ -314,12 +331,16 @@ def channel_plan(model: nn.Module, mask: Mask, scope: str = "conv12") -> Channel
 
     Each prunable conv keeps ``kept_indices`` of its output channels, and so do its
     BatchNorm and the input channels of its consumer conv. Modules absent from the
-    plan keep every channel.
+    plan keep every channel, except the branches of ``dropped_blocks``, which go
+    altogether (and are absent too).
     """
     plan: dict[str, list] = {}
     big = plain_model(model)
+    dropped = dropped_blocks(big, mask, scope)
     for prunable in prunable_convs(big, scope):
-        kept = kept_indices(mask[prunable.name], prunable.unit)
+        if prunable.block_name in dropped:
+            continue
+        kept = kept_indices(mask[prunable.name])
         plan.setdefault(prunable.name, [None, None])[0] = kept
         plan.setdefault(prunable.bn_name, [None, None])[0] = kept
         # A grouped consumer's weight holds each group's inputs, which do not change:
@@ -344,17 +365,20 @@ def transfer_model_parameters(
     """Copy the surviving weights of ``big_model`` into ``small_model`` in place, then fold constants.
 
     Prunable convs, their BNs and their consumers are sliced by ``channel_plan``;
-    every other parameter and buffer (stem, downsample, fc...) is copied unchanged;
+    every other parameter and buffer (stem, downsample, fc...) is copied unchanged,
+    except those of dropped branches, which have no place in the small model;
     ``residual_bias`` buffers of the small model are reset, then receive the folded
     constants (see the module docstring).
     """
     big, small = plain_model(big_model), plain_model(small_model)
     check_mask(mask, big, scope)
     plan = channel_plan(big, mask, scope)
+    dropped = dropped_blocks(big, mask, scope)
     big_state, small_state = big.state_dict(), small.state_dict()
-    extra = [key for key in big_state if key not in small_state]
+    extra = [key for key in big_state if key not in small_state and not _in_dropped_branch(key, dropped)]
     if extra:
-        raise UserError(f"the compressed model has no {extra[0]}: was it built for another architecture?")
+        raise UserError(f"the compressed model has no {extra[0]}: was it built for another architecture "
+                        f"or from another mask?")
     with torch.no_grad():
         for key, target in small_state.items():
             if key not in big_state:
@@ -370,22 +394,71 @@ def transfer_model_parameters(
                     f"{tuple(target.shape)}: was it built from another mask?"
                 )
             target.copy_(source)
-        _fold_pruned_constants(big, small, mask, scope, plan)
+        _fold_pruned_constants(big, small, mask, scope, plan, dropped)
+        _fold_dropped_branches(big, small, mask, dropped)
+
+
+def _in_dropped_branch(key: str, dropped: set[str]) -> bool:
+    """Whether a state_dict key belongs to the branch of a dropped block (its shortcut stays)."""
+    return any(key.startswith(f"{block}.") and not key.startswith(f"{block}.downsample.") for block in dropped)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel factor of an eval-mode BatchNorm."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
 
 def _bn_output_at_zero(bn: nn.BatchNorm2d) -> torch.Tensor:
     """What an eval-mode BatchNorm emits for an input of 0, per channel."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return bn.bias - bn.running_mean * scale
+    return bn.bias - bn.running_mean * _bn_scale(bn)
+
+
+def _conv_output_of_constant(conv: nn.Conv2d, value: torch.Tensor) -> torch.Tensor:
+    """What ``conv`` emits, per output channel, for an input holding ``value[c]`` on every
+    pixel of channel c: away from the border, every tap sees the value."""
+    tap_sums = conv.weight.sum(dim=(2, 3))  # (out, inputs per group)
+    # Output channel o reads the inputs of its own group only.
+    inputs = value.view(conv.groups, -1).repeat_interleave(conv.out_channels // conv.groups, dim=0)
+    output = (tap_sums * inputs).sum(dim=1)
+    return output if conv.bias is None else output + conv.bias
+
+
+def dropped_branch_output(block: nn.Module, block_name: str, mask: Mask) -> torch.Tensor:
+    """The constant, per channel, that the eval-mode branch of a dropped block adds to its
+    residual (module docstring; exact away from the border).
+
+    The last conv of the branch that keeps no filter outputs 0 whatever its input, so its
+    BatchNorm emits a constant; each later conv and BatchNorm of the branch (a ReLU
+    between them) maps constants to constants.
+    """
+    chain = branch_chain(block)
+    emptied = [position for position, (conv_name, _) in enumerate(chain)
+               if f"{block_name}.{conv_name}" in mask and not bool(mask[f"{block_name}.{conv_name}"].any())]
+    value = _bn_output_at_zero(getattr(block, chain[emptied[-1]][1]))
+    for conv_name, bn_name in chain[emptied[-1] + 1:]:
+        bn = getattr(block, bn_name)
+        value = _conv_output_of_constant(getattr(block, conv_name), value.clamp(min=0))  # ReLU before the conv
+        value = value * _bn_scale(bn) + _bn_output_at_zero(bn)
+    return value
+
+
+def _fold_dropped_branches(big: nn.Module, small: nn.Module, mask: Mask, dropped: set[str]) -> None:
+    """Each dropped branch's constant becomes its ShortcutOnlyBlock's ``residual_bias``."""
+    for block_name in dropped:
+        residual_bias = small.get_submodule(block_name).residual_bias
+        residual_bias.copy_(dropped_branch_output(big.get_submodule(block_name), block_name, mask))
 
 
 def _fold_pruned_constants(
-    big: nn.Module, small: nn.Module, mask: Mask, scope: str, plan: ChannelPlan
+    big: nn.Module, small: nn.Module, mask: Mask, scope: str, plan: ChannelPlan, dropped: set[str]
 ) -> None:
-    """Move the eval-mode constants of pruned channels into what consumes them (module docstring)."""
+    """Move the eval-mode constants of pruned channels into what consumes them (module docstring);
+    the ``dropped`` blocks' branches are left to ``_fold_dropped_branches``."""
     bn_name_of = {prunable.name: prunable.bn_name for prunable in prunable_convs(big, "all_conv")}
     for prunable in prunable_convs(big, scope):
-        pruned = pruned_indices(mask[prunable.name], prunable.unit).to(prunable.bn.weight.device)
+        if prunable.block_name in dropped:
+            continue
+        pruned = pruned_indices(mask[prunable.name]).to(prunable.bn.weight.device)
         if pruned.numel() == 0 or prunable.consumer == prunable.tied_with:
             # Nothing pruned, or only feeding the grouped conv's groups that are pruned too.
             continue
@@ -400,8 +473,7 @@ def _fold_pruned_constants(
 def _fold_into_residual(
     small: nn.Module, prunable: PrunableConv, pruned: torch.Tensor, constants: torch.Tensor
 ) -> None:
-    block_name = prunable.name.rpartition(".")[0]
-    residual_bias = small.get_submodule(block_name).residual_bias
+    residual_bias = small.get_submodule(prunable.block_name).residual_bias
     residual_bias[pruned.to(residual_bias.device)] += constants.to(residual_bias)
 
 

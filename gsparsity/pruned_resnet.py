@@ -10,7 +10,9 @@ Scope ``conv12`` leaves the last conv of each block at full width, so the blocks
 torchvision's own classes. Scope ``all_conv`` narrows the last conv too, while the
 residual path (identity or downsample) keeps its full width: each block becomes a
 ``PrunedResidualBlock`` that adds its narrow branch into the full-width residual at
-the kept channel positions.
+the kept channel positions. In either scope, a block whose branch has a conv keeping
+no filter (``masks.dropped_blocks``) becomes a ``ShortcutOnlyBlock``: its branch is
+gone, as in the original's compressed models.
 
 The model is laid out on the meta device first and materialised once, so no time
 is spent initialising layers that are then replaced.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .masks import Mask, channel_plan, check_mask, kept_indices, reference_model
+from .masks import Mask, channel_plan, check_mask, dropped_blocks, kept_indices, reference_model
 from .structure import branch_chain, check_scope, residual_blocks
 
 # Every torchvision ResNet: BasicBlock/Bottleneck, and ResNeXt's grouped Bottleneck.
@@ -71,6 +73,38 @@ class PrunedResidualBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kept_out={self.kept_out.numel()} of {self.residual_bias.numel()} channels"
+
+
+class ShortcutOnlyBlock(nn.Module):
+    """A torchvision residual block whose branch was pruned away: a conv of it kept no filter.
+
+    It computes ``relu(shortcut(x) + residual_bias)``, where the shortcut is the block's
+    ``downsample`` (None: the identity) and ``residual_bias`` is what the branch still
+    added in eval mode (``masks.dropped_branch_output``; zeros until folded). The
+    original's compressed block computes ``relu(identity)`` there. Children keep
+    torchvision's names, so the state_dict is the block's downsample plus ``residual_bias``.
+    """
+
+    is_residual_block = True  # so that structure.residual_blocks finds it (with an empty branch)
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.downsample = getattr(block, "downsample", None)
+        self.relu = block.relu
+        last_conv = getattr(block, branch_chain(block)[-1][0])
+        device = last_conv.weight.device
+        self.register_buffer("residual_bias", torch.zeros(last_conv.out_channels, device=device))
+
+    def reset_parameters(self) -> None:
+        """Zeros: built on the meta device, the buffer gets its values when the model is initialised."""
+        nn.init.zeros_(self.residual_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(identity + self.residual_bias.to(identity.dtype).view(1, -1, 1, 1))
+
+    def extra_repr(self) -> str:
+        return f"branch pruned away, {self.residual_bias.numel()} channels"
 
 
 def add_at_channels(identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -130,6 +164,7 @@ def build_pruned_resnet(arch: str, mask: Mask, scope: str, num_classes: int = 10
     _check_supported(model, arch)
     check_mask(mask, model, scope)
     with torch.device("meta"):
+        _drop_branches(model, mask, scope)
         _narrow_layers(model, mask, scope)
     model.to_empty(device="cpu")
     _initialise_like_torchvision(model)
@@ -217,12 +252,21 @@ def _initialise_like_torchvision(model: nn.Module) -> None:
             if module.bias is not None:  # torchvision's ResNet convs have none
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()  # BN: weight 1, bias 0, fresh running stats; Linear: default
+            # BN: weight 1, bias 0, fresh running stats; Linear: default; ShortcutOnlyBlock: zero bias
+            module.reset_parameters()
+
+
+def _drop_branches(model: nn.Module, mask: Mask, scope: str) -> None:
+    """Every block whose branch has a conv keeping no filter keeps its shortcut only."""
+    for block_name in dropped_blocks(model, mask, scope):
+        _replace_module(model, block_name, ShortcutOnlyBlock(model.get_submodule(block_name)))
 
 
 def _wrap_blocks(model: nn.Module, mask: Mask) -> None:
-    """all_conv: every block adds its (narrow) branch into the full-width residual."""
+    """all_conv: every block but the dropped ones adds its (narrow) branch into the full-width residual."""
     for block_name, block in list(residual_blocks(model)):
+        if isinstance(block, ShortcutOnlyBlock):
+            continue
         last_conv_name = branch_chain(block)[-1][0]
         row = mask[f"{block_name}.{last_conv_name}"]
         _replace_module(model, block_name, PrunedResidualBlock(block, row))

@@ -32,7 +32,7 @@ from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
 from .experiment import LOG_FILE, RUN_INFO
 from .export import compressed_model_file
-from .masks import kept_indices, mask_from_record, reference_model
+from .masks import dropped_blocks, mask_from_record, reference_model
 from .structure import prunable_convs
 
 SEARCH, RETRAIN = "search", "retrain"
@@ -66,7 +66,7 @@ class LayerWidth:
     stage: str  # e.g. "layer1"
     total: int  # filters of the full model
     surviving: int  # filters the mask keeps (zero-norm ones are pruned)
-    kept: int  # channels of the compressed model: at least 1, or a ResNeXt group (masks.kept_indices)
+    kept: int  # channels of the compressed model: the surviving ones, none where the branch is dropped
 
 
 @dataclass
@@ -155,9 +155,13 @@ def read_layer_widths(folder: Path) -> tuple[str | None, str | None, list[LayerW
         return None, None, []  # a search folder's full model: no small model yet
     mask = mask_from_record(record, source=str(path))
     arch, scope = record["arch"], record["scope"]
-    widths = [LayerWidth(prunable.name, prunable.stage, mask[prunable.name].numel(),
-                         int(mask[prunable.name].sum()), kept_indices(mask[prunable.name], prunable.unit).numel())
-              for prunable in prunable_convs(reference_model(arch), scope)]
+    model = reference_model(arch)
+    dropped = dropped_blocks(model, mask, scope)
+    widths = []
+    for prunable in prunable_convs(model, scope):
+        surviving = int(mask[prunable.name].sum())
+        kept = 0 if prunable.block_name in dropped else surviving
+        widths.append(LayerWidth(prunable.name, prunable.stage, mask[prunable.name].numel(), surviving, kept))
     return arch, scope, widths
 
 

@@ -37,6 +37,11 @@ class PrunableConv:
     unit: int = 1  # channels pruned together: a group's width for a tied pair, else 1
     tied_with: str | None = None  # the other conv of a tied pair (module docstring)
 
+    @property
+    def block_name(self) -> str:
+        """The residual block holding the conv, e.g. "layer1.0"."""
+        return self.name.rpartition(".")[0]
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel / DataParallel / torch.compile."""

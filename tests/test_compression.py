@@ -12,8 +12,9 @@ import models_with_reduce_all_conv
 import models_with_reduce_conv12
 from gsparsity.errors import UserError
 from gsparsity.masks import compress_model, compute_mask, transfer_model_parameters
-from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, add_at_channels, build_pruned_resnet
-from gsparsity.structure import prunable_convs, residual_blocks
+from gsparsity.complexity import count_macs_params
+from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, ShortcutOnlyBlock, add_at_channels, build_pruned_resnet
+from gsparsity.structure import branch_chain, prunable_convs, residual_blocks
 
 NUM_CLASSES = 10
 
@@ -173,13 +174,14 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
     with torch.no_grad():
         for block in small.modules():
-            if isinstance(block, PrunedResidualBlock):
+            if isinstance(block, (PrunedResidualBlock, ShortcutOnlyBlock)):
                 block.residual_bias.normal_()  # as when constants of pruned channels are folded in
     wide = copy.deepcopy(small).to(memory_format=torch.channels_last)
     block_outputs, branch_gradients = [], []
     for block in wide.modules():
-        if isinstance(block, PrunedResidualBlock):
+        if isinstance(block, (PrunedResidualBlock, ShortcutOnlyBlock)):  # layer1.0 lost its branch
             block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+        if isinstance(block, PrunedResidualBlock):
             last_bn = getattr(block, block.chain[-1][1])
             last_bn.register_full_backward_hook(
                 lambda module, grad_input, grad_output: branch_gradients.append(grad_output[0]))
@@ -190,7 +192,7 @@ def test_an_all_conv_model_in_channels_last_keeps_that_layout_and_computes_what_
     assert numerics.relative_deviation(expected, output) < 1e-5
     expected.sum().backward()
     output.sum().backward()
-    assert len(branch_gradients) == 8
+    assert len(branch_gradients) == 7
     assert all(gradient.is_contiguous(memory_format=torch.channels_last) for gradient in branch_gradients)
     for (name, parameter), wide_parameter in zip(small.named_parameters(), wide.parameters()):
         assert numerics.relative_deviation(parameter.grad, wide_parameter.grad) < 1e-5, name
@@ -263,24 +265,29 @@ def test_compressed_model_infers_the_arch_of_the_full_model():
     assert len(list(residual_blocks(small))) == len(list(residual_blocks(full)))
 
 
-def test_compressed_model_has_the_widths_of_the_mask_and_one_channel_for_an_empty_layer():
+def test_compressed_model_has_the_widths_of_the_mask_and_no_branch_where_a_layer_is_empty():
     full = full_model("resnet50")
-    mask = random_mask(full, "all_conv")
+    mask = random_mask(full, "all_conv")  # layer1.0.conv1 keeps nothing
     small = compress_model(full, mask, "all_conv")
-    for prunable in prunable_convs(small, "all_conv"):
-        expected_width = max(int(mask[prunable.name].sum()), 1)
+    assert isinstance(small.layer1[0], ShortcutOnlyBlock)
+    remaining = prunable_convs(small, "all_conv")
+    assert [prunable.name for prunable in remaining] == [name for name in mask if not name.startswith("layer1.0.")]
+    for prunable in remaining:
+        expected_width = int(mask[prunable.name].sum())
         assert prunable.conv.out_channels == expected_width == prunable.bn.num_features, prunable.name
 
 
-def hand_count_resnet18(kept: dict, num_classes: int) -> int:
-    """Parameters of a resnet18 whose block convs keep ``kept[name]`` filters, from the paper's layout."""
+def hand_count_resnet18(kept: dict, num_classes: int, dropped: tuple = ()) -> int:
+    """Parameters of a resnet18 whose block convs keep ``kept[name]`` filters and whose
+    ``dropped`` blocks have no branch, from the paper's layout."""
     count = 3 * 64 * 7 * 7 + 2 * 64  # stem conv + BN
     in_channels = 64
     for stage, width in enumerate((64, 128, 256, 512), start=1):
         for block in range(2):
             conv1 = kept.get(f"layer{stage}.{block}.conv1", width)
             conv2 = kept.get(f"layer{stage}.{block}.conv2", width)
-            count += in_channels * conv1 * 9 + 2 * conv1 + conv1 * conv2 * 9 + 2 * conv2
+            if f"layer{stage}.{block}" not in dropped:
+                count += in_channels * conv1 * 9 + 2 * conv1 + conv1 * conv2 * 9 + 2 * conv2
             if in_channels != width:  # downsample: 1x1 conv + BN, full width
                 count += in_channels * width + 2 * width
             in_channels = width
@@ -298,24 +305,30 @@ def test_compressed_parameter_count_equals_a_hand_count(scope):
     mask = {name: torch.zeros_like(row) for name, row in compute_mask(full, scope=scope).items()}
     for name in mask:
         mask[name][[0, 2, 5]] = True
-    mask["layer2.1.conv1"][:] = False  # every filter pruned: one channel stays
-    kept = {name: 3 for name in mask} | {"layer2.1.conv1": 1}
+    mask["layer2.1.conv1"][:] = False  # every filter pruned: the block's branch goes
+    kept = {name: 3 for name in mask}
     small = compress_model(full, mask, scope)
     counted = sum(parameter.numel() for parameter in small.parameters())
-    assert counted == hand_count_resnet18(kept, NUM_CLASSES)
+    assert counted == hand_count_resnet18(kept, NUM_CLASSES, dropped=("layer2.1",))
 
 
-def test_conv12_state_dict_keys_are_torchvisions():
+def without_branch(keys, block: str) -> list:
+    """The state_dict keys of a model whose ``block`` lost its branch: its shortcut stays."""
+    return [key for key in keys if not key.startswith(f"{block}.") or key.startswith(f"{block}.downsample.")]
+
+
+def test_conv12_state_dict_keys_are_torchvisions_but_a_dropped_branchs():
     full = full_model("resnet50")
-    small = compress_model(full, random_mask(full, "conv12"), "conv12")
-    assert list(small.state_dict()) == list(full.state_dict())
+    small = compress_model(full, random_mask(full, "conv12"), "conv12")  # layer1.0's branch dropped
+    assert sorted(small.state_dict()) == sorted(without_branch(full.state_dict(), "layer1.0")
+                                                + ["layer1.0.residual_bias"])
 
 
 def test_all_conv_state_dict_keys_are_torchvisions_plus_one_residual_bias_per_block():
     full = full_model("resnet50")
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv")
     block_biases = [f"{name}.residual_bias" for name, _ in residual_blocks(full)]
-    assert sorted(small.state_dict()) == sorted(list(full.state_dict()) + block_biases)
+    assert sorted(small.state_dict()) == sorted(without_branch(full.state_dict(), "layer1.0") + block_biases)
 
 
 def test_all_conv_blocks_are_found_as_residual_blocks_by_the_structure_walk():
@@ -323,7 +336,8 @@ def test_all_conv_blocks_are_found_as_residual_blocks_by_the_structure_walk():
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv")
     blocks = list(residual_blocks(small))
     assert [name for name, _ in blocks] == [name for name, _ in residual_blocks(full)]
-    assert all(isinstance(block, PrunedResidualBlock) for _, block in blocks)
+    assert isinstance(blocks[0][1], ShortcutOnlyBlock)  # layer1.0: its conv1 keeps nothing
+    assert all(isinstance(block, PrunedResidualBlock) for _, block in blocks[1:])
 
 
 def test_a_compressed_state_dict_loads_into_a_model_built_from_the_mask_alone():
@@ -341,8 +355,9 @@ def test_root_modules_offer_a_builder_per_arch_with_their_scope(module):
     mask = random_mask(full_model("resnet18"), module.SCOPE)
     small = module.resnet18(mask, num_classes=NUM_CLASSES)
     assert set(ARCHS) <= set(dir(module))
-    assert [prunable.name for prunable in prunable_convs(small, module.SCOPE)] == list(mask)
-    assert small.layer1[0].conv1.out_channels == max(int(mask["layer1.0.conv1"].sum()), 1)
+    kept_blocks = [name for name in mask if not name.startswith("layer1.0.")]  # layer1.0 keeps no conv1 filter
+    assert [prunable.name for prunable in prunable_convs(small, module.SCOPE)] == kept_blocks
+    assert small.layer1[1].conv1.out_channels == int(mask["layer1.1.conv1"].sum())
 
 
 def test_transfer_refuses_a_small_model_built_from_another_mask():
@@ -362,9 +377,8 @@ def test_a_resnext_loses_whole_groups_of_its_grouped_conv():
         width = conv.out_channels // conv.groups
         narrow = small.get_submodule(name)
         assert (narrow.groups, narrow.in_channels, narrow.out_channels) == (kept // width, kept, kept)
-    # Every group pruned: one group stays, as one channel does in a plain ResNet.
-    emptied = small.get_submodule("layer1.0.conv2")
-    assert (emptied.groups, emptied.out_channels, small.layer1[0].conv1.out_channels) == (1, 4, 4)
+    # Every group pruned: the block's branch goes, as in a plain ResNet.
+    assert isinstance(small.layer1[0], ShortcutOnlyBlock)
 
 
 def test_resnext_filter_pruning_is_exact_even_where_conv1_feeds_the_3x3_conv():
@@ -394,3 +408,91 @@ def test_a_resnext_mask_must_prune_whole_groups_in_both_tied_convs():
 def test_build_refuses_an_architecture_that_is_not_a_resnet():
     with pytest.raises(UserError, match="not a ResNet"):
         build_pruned_resnet("vgg11", {}, "conv12")
+
+
+# --- a conv keeping no filter: its block's branch goes, as in the original ----------------
+
+
+def emptied_mask(model: nn.Module, scope: str, emptied: str) -> dict:
+    """Every filter kept but those of the conv ``emptied``: none of them."""
+    mask = {prunable.name: torch.ones(prunable.conv.out_channels, dtype=torch.bool)
+            for prunable in prunable_convs(model, scope)}
+    mask[emptied][:] = False
+    return mask
+
+
+class OriginalsDroppedBlock(nn.Module):
+    """What the original's compressed block computes once its branch is gone: relu(identity)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.downsample, self.relu = block.downsample, block.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x if self.downsample is None else self.downsample(x))
+
+
+def with_originals_dropped_block(model: nn.Module, block_name: str) -> nn.Module:
+    dropped = copy.deepcopy(model)
+    parent, _, child = block_name.rpartition(".")
+    setattr(dropped.get_submodule(parent), child, OriginalsDroppedBlock(dropped.get_submodule(block_name)))
+    return dropped
+
+
+@pytest.mark.parametrize("arch, scope, emptied, group", [
+    ("resnet50", "conv12", "layer2.1.conv2", "filter"),
+    ("resnet50", "conv12", "layer2.1.conv2", "channel"),
+    ("resnet50", "conv12", "layer3.0.conv1", "channel"),  # a block with a downsample
+    ("resnet50", "all_conv", "layer3.0.conv3", "filter"),
+    ("resnet50", "all_conv", "layer3.0.conv3", "channel"),
+    ("resnet50", "all_conv", "layer2.1.conv1", "channel"),
+    ("resnet18", "conv12", "layer2.0.conv1", "channel"),  # BasicBlock
+    ("resnet18", "all_conv", "layer3.1.conv2", "filter"),
+])
+def test_a_block_whose_conv_keeps_no_filter_loses_its_branch_and_compresses_exactly(arch, scope, emptied, group):
+    full = full_model(arch)
+    mask = emptied_mask(full, scope, emptied)
+    plant_zeros(full, mask, scope, group)
+    small = compress_model(full, mask, scope)
+    block_name = emptied.rpartition(".")[0]
+    block = small.get_submodule(block_name)
+    assert isinstance(block, ShortcutOnlyBlock)
+    assert set(dict(block.named_children())) <= {"downsample", "relu"}
+    # What the branch still added went into residual_bias (nothing only where a BN with a
+    # zero weight and bias ends the branch), so the output is unchanged.
+    ends_the_branch = emptied == f"{block_name}.{branch_chain(full.get_submodule(block_name))[-1][0]}"
+    assert bool(block.residual_bias.abs().max() > 0.01) is not (ends_the_branch and group == "channel")
+    assert relative_deviation(full, small, images()) < 1e-5
+
+
+def test_a_dropped_branch_fed_through_a_3x3_conv_is_exact_away_from_the_border():
+    """group="filter" with conv1 emptied: bn1's constant reaches conv2, whose zero padding
+    the folded constant cannot follow; inside the image the block is exact."""
+    full = full_model("resnet50")
+    mask = emptied_mask(full, "conv12", "layer2.1.conv1")
+    plant_zeros(full, mask, "conv12", group="filter")
+    small = compress_model(full, mask, "conv12")
+    features = torch.randn(2, 512, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, output = full.layer2[1](features), small.layer2[1](features)
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert numerics.relative_deviation(expected[inside], output[inside]) < 1e-5
+    assert numerics.relative_deviation(expected, output) > 1e-4  # the border does differ
+
+
+@pytest.mark.parametrize("arch, scope, emptied", [
+    ("resnet50", "conv12", "layer3.0.conv1"), ("resnet50", "all_conv", "layer2.1.conv3"),
+    ("resnet18", "conv12", "layer2.0.conv1"), ("resnet18", "all_conv", "layer4.1.conv2"),
+])
+def test_a_dropped_branch_costs_the_macs_and_parameters_of_the_originals_dropped_block(arch, scope, emptied):
+    full = full_model(arch)
+    mask = emptied_mask(full, scope, emptied)
+    small = compress_model(full, mask, scope)
+    block_name = emptied.rpartition(".")[0]
+    expected_macs, _ = count_macs_params(with_originals_dropped_block(full, block_name), 64)
+    assert count_macs_params(small, 64)[0] == expected_macs
+    block = full.get_submodule(block_name)
+    branch_parameters = sum(parameter.numel() for names in branch_chain(block) for name in names
+                            for parameter in getattr(block, name).parameters())
+    full_parameters = sum(parameter.numel() for parameter in full.parameters())
+    assert sum(parameter.numel() for parameter in small.parameters()) == full_parameters - branch_parameters

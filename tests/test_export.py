@@ -11,8 +11,8 @@ from torch import nn
 from gsparsity.checkpoint import atomic_save, load_checkpoint
 from gsparsity.errors import UserError
 from gsparsity.export import export_compressed_model, load_compressed_model, main, output_paths
-from gsparsity.masks import mask_to_record, reference_model
-from gsparsity.pruned_resnet import build_pruned_resnet
+from gsparsity.masks import mask_from_record, mask_to_record, reference_model
+from gsparsity.pruned_resnet import ShortcutOnlyBlock, build_pruned_resnet
 from gsparsity.structure import prunable_convs
 
 RELATIVE_TOLERANCE = 1e-4
@@ -24,7 +24,7 @@ def random_mask(scope: str) -> dict[str, torch.Tensor]:
     """About half the filters of every prunable conv, one layer pruned entirely."""
     mask = {prunable.name: torch.rand(prunable.conv.out_channels) < 0.5
             for prunable in prunable_convs(reference_model(ARCH, CLASSES), scope)}
-    mask[next(iter(mask))][:] = False  # compressed to its one zero channel
+    mask[next(iter(mask))][:] = False  # layer1.0 loses its branch (a ShortcutOnlyBlock)
     return mask
 
 
@@ -88,11 +88,31 @@ def test_load_compressed_model_rebuilds_the_saved_weights_from_the_mask_inside(s
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_all_conv_residual_bias_is_part_of_the_exported_model(small_model_file):
+def test_residual_biases_are_part_of_the_exported_model(small_model_file):
+    """Every all_conv block has one; a conv12 model only where a branch was dropped."""
     model, info = load_compressed_model(small_model_file)
     biases = [buffer for name, buffer in model.named_buffers() if name.endswith("residual_bias")]
-    assert (len(biases) > 0) == (info["scope"] == "all_conv")
+    assert len(biases) == (8 if info["scope"] == "all_conv" else 1)
     assert all(bias.abs().sum() > 0 for bias in biases)  # the fixture made them matter
+
+
+def test_a_saved_model_with_a_dropped_branch_is_rebuilt_without_it(small_model_file):
+    model, _ = load_compressed_model(small_model_file)
+    assert isinstance(model.layer1[0], ShortcutOnlyBlock)
+    assert not any(name.startswith("layer1.0.conv") for name in model.state_dict())
+
+
+def test_a_file_that_kept_one_channel_for_an_empty_layer_is_refused_saying_why(small_model_files, tmp_path):
+    """Before branches were dropped, a layer keeping no filter kept channel 0 instead."""
+    saved = load_checkpoint(small_model_files["conv12"])
+    mask = mask_from_record(saved["mask"])
+    one_channel = {name: row.clone() for name, row in mask.items()}
+    one_channel["layer1.0.conv1"][0] = True
+    saved["state_dict"] = build_pruned_resnet(ARCH, one_channel, "conv12", CLASSES).state_dict()
+    atomic_save(saved, tmp_path / "small_model_conv12_1e-06.pth.tar")
+    with pytest.raises(UserError, match=r"layer1\.0\.conv1\) still had one channel.*compress the search's full "
+                                        r"model again"):
+        load_compressed_model(tmp_path / "small_model_conv12_1e-06.pth.tar")
 
 
 def test_onnx_file_matches_pytorch_at_another_batch_size(exported, images):

@@ -6,7 +6,7 @@ from numerics import eval_output, relative_deviation
 from torch import nn
 
 from gsparsity.inference import fuse_bn, inference_form
-from gsparsity.pruned_resnet import PrunedResidualBlock, build_pruned_resnet
+from gsparsity.pruned_resnet import PrunedResidualBlock, ShortcutOnlyBlock, build_pruned_resnet
 from gsparsity.structure import prunable_convs
 
 RELATIVE_TOLERANCE = 1e-5
@@ -77,6 +77,20 @@ def test_all_conv_blocks_stay_pruned_residual_blocks_when_fused():
     model = build_pruned_resnet("resnet50", random_mask(reference, "all_conv"), "all_conv")
     blocks = [module for module in fuse_bn(model).modules() if isinstance(module, PrunedResidualBlock)]
     assert len(blocks) == 16  # ResNet-50: 3 + 4 + 6 + 3 blocks
+
+
+@pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+def test_a_block_that_lost_its_branch_fuses_its_shortcut_and_keeps_its_residual_bias(scope, images):
+    torch.manual_seed(6)
+    reference = torchvision.models.resnet50(weights=None)
+    mask = random_mask(reference, scope)
+    mask["layer2.0.conv2"][:] = False  # layer2.0 (with a downsample) keeps its shortcut only
+    model = with_random_batchnorm(build_pruned_resnet("resnet50", mask, scope, num_classes=10))
+    with torch.no_grad():
+        model.layer2[0].residual_bias.copy_(0.1 * torch.randn(512))
+    fused = fuse_bn(model)
+    assert isinstance(fused.layer2[0], ShortcutOnlyBlock) and isinstance(fused.layer2[0].downsample[1], nn.Identity)
+    assert relative_deviation(eval_output(model, images), eval_output(fused, images)) < RELATIVE_TOLERANCE
 
 
 def test_fusing_leaves_the_original_model_untouched(images):

@@ -10,6 +10,7 @@ from gsparsity.errors import UserError
 from gsparsity.masks import (
     check_mask,
     compute_mask,
+    dropped_blocks,
     kept_indices,
     load_mask,
     mask_from_record,
@@ -124,9 +125,24 @@ def test_kept_indices_lists_the_true_positions():
     assert kept_indices(torch.tensor([False, True, False, True])).tolist() == [1, 3]
 
 
-def test_kept_indices_keeps_channel_zero_when_every_filter_is_pruned():
+def test_kept_indices_is_empty_when_every_filter_is_pruned():
     kept = kept_indices(torch.zeros(5, dtype=torch.bool))
-    assert kept.tolist() == [0] and kept.dtype == torch.long
+    assert kept.tolist() == [] and kept.dtype == torch.long
+
+
+def test_the_blocks_whose_branch_has_a_conv_keeping_no_filter_are_dropped():
+    mask = full_mask(scope="all_conv")
+    mask["layer1.1.conv2"][:] = False  # the last conv of a BasicBlock: all_conv prunes it too
+    mask["layer3.0.conv1"][:] = False
+    mask["layer4.0.conv1"][1:] = False  # one filter left: the branch stays
+    assert dropped_blocks(resnet18_on_meta(), mask, "all_conv") == {"layer1.1", "layer3.0"}
+    conv12 = {name: row for name, row in mask.items() if name in RESNET18_CONV12}
+    assert dropped_blocks(resnet18_on_meta(), conv12, "conv12") == {"layer3.0"}
+
+
+def resnet18_on_meta() -> nn.Module:
+    with torch.device("meta"):
+        return torchvision.models.resnet18(weights=None)
 
 
 def test_a_saved_mask_loads_back_identical_with_its_metadata(resnet18, tmp_path):
@@ -243,8 +259,10 @@ def test_load_mask_refuses_a_missing_file(tmp_path):
 def test_a_mask_record_survives_a_weights_only_checkpoint_round_trip(tmp_path):
     mask = full_mask(scope="all_conv")
     mask["layer2.0.conv2"][::3] = False
+    mask["layer3.1.conv1"][:] = False  # a layer keeping nothing: an empty list of kept filters
     torch.save({"mask": mask_to_record(mask, "resnet18", "all_conv", 1e-6)}, tmp_path / "model.pth")
     record = torch.load(tmp_path / "model.pth", weights_only=True)["mask"]
+    assert record["layers"]["layer3.1.conv1"] == {"filters": 256, "kept": []}
     restored = mask_from_record(record, arch="resnet18", scope="all_conv")
     assert list(restored) == list(mask)
     assert all(torch.equal(restored[name], mask[name]) for name in mask)

@@ -3,14 +3,17 @@ _log.txt, tabulated and drawn; folders that are not searches or retrains are ref
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 from scripts import SEARCH_EPOCHS, scratch_folder
 
-from gsparsity.checkpoint import load_checkpoint
+from gsparsity.checkpoint import atomic_save, load_checkpoint
 from gsparsity.errors import UserError
+from gsparsity.masks import mask_to_record
+from gsparsity.pruned_resnet import build_pruned_resnet
 from gsparsity.report import (
     DPI, EVENTS, FIGURE_WIDTH, GMACS, GROUP_HEIGHT, LOG, TOP1, TOP5, ZERO_SHARE, compare, main,
-    read_experiment, table_rows, write_report,
+    read_experiment, read_layer_widths, table_rows, write_report,
 )
 
 
@@ -59,9 +62,22 @@ def test_kept_filters_per_layer_are_those_of_the_compressed_model(tiny_runs):
     (small_model,) = search.glob("small_model_*.pth.tar")
     weights = load_checkpoint(small_model)["state_dict"]
     assert {layer.name: (layer.kept, layer.total) for layer in experiment.layers} == {
-        name: (weights[f"{name}.weight"].shape[0], record["filters"])
-        for name, record in load_checkpoint(small_model)["mask"]["layers"].items()}
+        name: (weights[f"{name}.weight"].shape[0] if f"{name}.weight" in weights else 0, record["filters"])
+        for name, record in load_checkpoint(small_model)["mask"]["layers"].items()}  # 0: a dropped branch
     assert any(layer.surviving < layer.total for layer in experiment.layers)  # the search pruned
+
+
+def test_the_layers_of_a_dropped_branch_keep_no_channel_whatever_survived(tmp_path):
+    mask = {name: torch.ones(width, dtype=torch.bool) for name, width in
+            [(f"layer{stage}.{block}.conv1", 64 * 2 ** (stage - 1)) for stage in range(1, 5) for block in range(2)]}
+    mask["layer2.1.conv1"][:] = False
+    atomic_save({"arch": "resnet18", "scope": "conv12", "num_classes": 10,
+                 "mask": mask_to_record(mask, "resnet18", "conv12", 1e-6),
+                 "state_dict": build_pruned_resnet("resnet18", mask, "conv12", 10).state_dict()},
+                tmp_path / "small_model_conv12_1e-06.pth.tar")
+    _, _, layers = read_layer_widths(tmp_path)
+    widths = {layer.name: (layer.surviving, layer.kept) for layer in layers}
+    assert widths["layer2.1.conv1"] == (0, 0) and widths["layer2.0.conv1"] == (128, 128)
 
 
 def test_retrain_holds_the_zero_filter_share_and_macs_of_the_search_at_its_end(tiny_runs):

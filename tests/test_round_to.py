@@ -8,7 +8,8 @@ from torch import nn
 
 from gsparsity.cli import build_parser, validate_args
 from gsparsity.errors import UserError
-from gsparsity.masks import compute_mask
+from gsparsity.masks import compress_model, compute_mask
+from gsparsity.pruned_resnet import ShortcutOnlyBlock
 from gsparsity.structure import prunable_convs
 from scripts import TINY, only_folder, run_script
 
@@ -80,12 +81,13 @@ def test_a_layer_already_at_a_multiple_is_unchanged():
     assert torch.equal(compute_mask(model, THRESHOLD, round_to=8)[LAYER], compute_mask(model, THRESHOLD)[LAYER])
 
 
-def test_a_layer_with_every_filter_under_the_threshold_keeps_round_to_of_them():
+def test_a_layer_with_every_filter_under_the_threshold_stays_empty_and_its_branch_is_dropped():
+    """Rounding 0 kept filters up to 8 would bring back a branch that the original drops."""
     model = planted_model({LAYER: 0})
-    norms = filter_norms(model, LAYER)
-    expected = set(sorted(range(len(norms)), key=lambda index: norms[index], reverse=True)[:8])
-    row = compute_mask(model, THRESHOLD, round_to=8)[LAYER]
-    assert set(torch.nonzero(row).flatten().tolist()) == expected
+    mask = compute_mask(model, THRESHOLD, round_to=8)
+    assert not mask[LAYER].any()
+    small = compress_model(model, mask, "conv12")
+    assert isinstance(small.get_submodule(LAYER.rpartition(".")[0]), ShortcutOnlyBlock)
 
 
 @pytest.mark.parametrize("round_to", [0, -8, 2.5])
