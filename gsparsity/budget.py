@@ -16,6 +16,10 @@ Two stages, both logged:
    strongest filters that fit, zero or not. The log says how far the zero filters alone
    are from the target, and how many filters that took; pruning nonzero filters
    changes the model's output, which the search's check on a few images reports.
+
+MACs are on the paper's scale (``complexity``): ``--target-macs 2.06`` means the paper's
+2.06 GMac. The bisections count each mask's MACs by arithmetic (``mask_macs``), exactly
+as ptflops would count the built model.
 """
 from __future__ import annotations
 
@@ -33,13 +37,12 @@ from torch.utils.data import DataLoader
 
 from proxsgd import ProxSGD, group_model_parameters
 
-from .complexity import count_macs_params
 from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .engine import autocast, backward_and_step, make_scaler, to_device
 from .errors import UserError
+from .mask_macs import mask_macs
 from .masks import Mask, compute_mask, member_rows, unit_norms
-from .pruned_resnet import build_pruned_resnet
 from .structure import prunable_convs, pruning_groups
 from .training import make_scheduler
 
@@ -74,12 +77,6 @@ def parse_target(text: str) -> tuple[float, bool]:
 def target_macs(text: str, full_macs: int) -> int:
     value, is_share = parse_target(text)
     return round(value * full_macs) if is_share else round(value)
-
-
-def mask_macs(arch: str, mask: Mask, scope: str, num_classes: int) -> int:
-    """MACs per 224x224 image of the compressed model that ``mask`` gives (no weights needed)."""
-    macs, _ = count_macs_params(build_pruned_resnet(arch, mask, scope, num_classes), 224)
-    return macs
 
 
 def smallest_macs(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int) -> int:

@@ -7,10 +7,12 @@ given without its search gets its search the same way, if that folder is still t
 
 Per experiment: the kept filters of every prunable conv (from the mask inside its
 compressed model), and per epoch the validation top-1/top-5, the share of zero
-filters and the compressed model's MACs at 224x224. The epoch series come from the
-TensorBoard event files; for what they lack (no events, or an unreadable file) the
-``_log.txt`` lines are parsed instead. A retrained model never changes width, so its
-zero-filter share (from its mask) and its MACs (logged once) hold for every epoch.
+filters and the compressed model's MACs at 224x224 (as the run logged them: on the
+paper's scale, or conv+fc only for runs from before it was counted so). The epoch
+series come from the TensorBoard event files; for what they lack (no events, or an
+unreadable file) the ``_log.txt`` lines are parsed instead. A retrained model never
+changes width, so its zero-filter share (from its mask) and its MACs (logged once)
+hold for every epoch.
 
 Also a command: ``python report.py EXPERIMENT_DIR [...] [--out FILE.png] [--force]``. The
 figure never replaces an existing file (also its default, ``report.png`` in the first
