@@ -238,13 +238,30 @@ def test_the_residual_add_at_kept_channels_passes_gradcheck_and_gradgradcheck(ch
     assert torch.autograd.gradgradcheck(residual_add, inputs)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method|save)` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method|save|load)` is deprecated:FutureWarning")
 def test_a_compressed_all_conv_model_traced_with_gradients_on_can_be_saved():
     """torch.jit.trace records a Python-defined autograd Function as an op it cannot save."""
     full = full_model("resnet18")
     small = compress_model(full, random_mask(full, "all_conv"), "all_conv").eval()
+    with torch.no_grad():
+        for block in small.modules():
+            if isinstance(block, (PrunedResidualBlock, ShortcutOnlyBlock)):
+                block.residual_bias.normal_()  # so that every residual add shows in the output
     traced = torch.jit.trace(small, images(32))
-    torch.jit.save(traced, io.BytesIO())
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    # Another batch than the one traced: the trace computes the model, not one output.
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = numerics.eval_output(small, batch)
+    for form in (traced, loaded):
+        assert numerics.relative_deviation(expected, numerics.eval_output(form, batch)) < 1e-5
+    # and with gradients on, as traced: the same output, and gradients for the weights
+    output = loaded(batch)
+    assert numerics.relative_deviation(expected, output.detach()) < 1e-5
+    output.sum().backward()
+    assert all(parameter.grad is not None for parameter in loaded.parameters())
 
 
 def test_a_compiled_all_conv_model_in_channels_last_gets_the_eager_gradients():
