@@ -48,6 +48,37 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert sum(value.numel() for value in small["state_dict"].values()) < full_parameters
 
 
+def test_a_retrain_starts_from_the_accuracy_the_search_ended_with_when_compression_is_exact(
+        baseline, registry, tmp_path):
+    # --group channel zeroes a pruned filter's BN weight and bias with it: its channel is
+    # exactly zero, and the compressed model computes what the full one does. lr 1 and a tiny
+    # momentum (the new gradient's weight) prune about half the filters within one epoch and
+    # leave a finite loss to compare (at lr 1 with momentum 0.9 it was nan).
+    run_script("main_search_conv12.py", *TINY, "--pretrained", str(baseline), "--group", "channel",
+               "--lr", "1", "--momentum", "1e-4", "--no-adaptive_lr", "--normalization", "none",
+               "--no-layer_adaptive", "--weight_decay", "1", "--path_to_save", str(tmp_path),
+               "--register", "exact", "--registry", str(registry))
+    search = only_folder(tmp_path, "conv12_*")
+    small = load_checkpoint(search / "small_model_conv12_1e-06.pth.tar")
+    kept = [len(layer["kept"]) for layer in small["mask"]["layers"].values()]
+    filters = [layer["filters"] for layer in small["mask"]["layers"].values()]
+    assert 0 < sum(kept) < sum(filters)  # the compressed model is narrower for real
+    retrain = run_script("main_reduce_retrain_conv12.py", *TINY, "--baseline_model", "exact",
+                         "--registry", str(registry), "--path_to_save", str(tmp_path))
+    inherited = re.search(r"inherited weights, before retraining: top1 (\S+) top5 (\S+) loss (\S+)",
+                          retrain.stdout)
+    top1, top5, loss = map(float, inherited.groups())
+    assert top1 == pytest.approx(small["val_top1_full"], abs=5e-4)  # printed with 3 decimals
+    # At these sizes top-1 is near chance (a few of the 32 images); top-5 and the loss of the
+    # search's last validation (the same 32 images) catch what top-1 alone might not.
+    last = re.findall(r"\| val loss (\S+) top1 (\S+) top5 (\S+) \|", (search / "_log.txt").read_text())[-1]
+    search_loss, search_top1, search_top5 = map(float, last)
+    assert (top1, top5) == (search_top1, search_top5)
+    # Equal as printed (4 decimals) where seen; with --group filter, inexact at the borders of
+    # the 3x3 convs, 6e-4 off.
+    assert loss == pytest.approx(search_loss, rel=1e-4)
+
+
 def test_original_evaluates_pretrained_weights_and_reports_complexity(baseline):
     result = run_script("main_original.py", *TINY, "--pretrained", str(baseline), "--evaluate")
     assert "validation: top1" in result.stdout
@@ -128,7 +159,11 @@ def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_
 
 
 def test_a_compiled_run_trains_what_an_eager_one_does_and_resumes_without_compiling(tmp_path):
-    flags = [*TINY, "-a", "resnet18", "--epochs", "1"]
+    start = tmp_path / "start.pth"  # both runs start here, so that each can be measured from it
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), start)
+    flags = [*TINY, "-a", "resnet18", "--epochs", "1", "--pretrained", str(start)]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert "torch.compile" not in run_script("main_original.py", *flags, "--path_to_save", str(eager)).stdout
     assert "torch.compile (--compile)" in run_script("main_original.py", *flags, "--compile",
@@ -137,11 +172,16 @@ def test_a_compiled_run_trains_what_an_eager_one_does_and_resumes_without_compil
     folder = only_folder(compiled, "original_*")
     actual = load_checkpoint(folder / "checkpoint.pth.tar")["state_dict"]
     assert actual.keys() == expected.keys()  # the plain model's names, not torch.compile's wrapper's
+    started = torch.load(start, weights_only=True)
     for key, value in expected.items():
-        # Inductor orders float sums its own way: close, not equal (0.45% at most, seen in
-        # layer1.0.bn1.bias). The BN biases start at zero, so untrained weights would be 100% off.
-        if value.is_floating_point():
-            assert (actual[key] - value).norm() <= 0.01 * value.norm(), key
+        if not value.is_floating_point():
+            continue
+        # Inductor orders float sums its own way and training amplifies it, by how much depends
+        # on the machine (1.2% of a BN bias seen on one 2-core machine, 0.45% on another): so
+        # measured against how far training moved the tensor, not against its value. Untrained,
+        # or trained at lr 0.12 instead of 0.1, some tensors are 100% or 88% of that away.
+        moved, off = (value - started[key]).norm(), (actual[key] - value).norm()
+        assert off <= 0.1 * moved, f"{key}: {off / moved:.1%} of what training moved it"
     resumed = run_script("main_original.py", "--resume", str(folder), "--epochs", "2", "--no-compile")
     assert "epoch 1 done" in resumed.stdout and "torch.compile" not in resumed.stdout
     assert json.loads((folder / "run_info.json").read_text())["args"]["compile"] is True
