@@ -19,6 +19,12 @@ Each entry maps a name (a Python identifier) to:
 This file is only ever read as data (never imported or run by the tools). When a
 model is registered, only the ``MODELS = {...}`` literal below is rewritten: notes
 and comments outside its braces are kept, comments inside them are not.
+
+Lines of the original's list_of_models.py, ``name = 'folder'``, may stand here too,
+and the original's file may be given as it is (``--registry FILE``): such a name is
+the small_model_<scope>_1e-06.pth.tar in that folder (else its newest small model),
+with the original's mask_<threshold>.npy (or our mask file) beside it. Nothing but such
+lines, the literal, strings and comments may be in this file.
 """
 
 # Example entry:

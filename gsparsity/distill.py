@@ -111,6 +111,8 @@ def searchs_starting_weights(args: argparse.Namespace) -> Path:
         raise UserError(f"--distill: the search behind {args.baseline_model} left no {RUN_INFO} in "
                         f"{entry.experiment_dir}, so its starting weights are unknown; {ask}")
     pretrained = read_run_info(entry.experiment_dir)["args"].get("pretrained")
+    if isinstance(pretrained, bool):  # a search of the original: True was torchvision's weights
+        pretrained = TORCHVISION if pretrained else None
     if pretrained is None:
         raise UserError(f"--distill: the search behind {args.baseline_model} started without "
                         f"--pretrained weights, so there is no unpruned model to learn from; {ask}")

@@ -4,7 +4,9 @@ The compressed model is rebuilt from the mask that travels inside its own checkp
 (``mask_from_record`` + ``build_pruned_resnet``), so no registry is needed: a
 search's ``small_model_*.pth.tar`` and a retrain's ``checkpoint.pth.tar`` /
 ``model_best.pth.tar`` both carry ``arch``, ``scope``, ``num_classes``, ``mask`` and
-``state_dict``.
+``state_dict``. The original's folders are read as well (``original_files``): a search's
+``small_model_<scope>_<threshold>.pth.tar`` with the ``mask_<threshold>.npy`` beside it, and
+a retrain's checkpoint with the mask of its ``--baseline_model``, found in the registry.
 
 Every format is first exported to bytes, then run on random batches (TorchScript by
 ``torch.jit.load``, ONNX by onnxruntime on the CPU) and compared with the eval-mode
@@ -41,6 +43,8 @@ from .errors import UserError
 from .experiment import RUN_INFO
 from .inference import fuse_bn
 from .masks import mask_from_record
+from .original_files import (is_original_retrain_checkpoint, is_original_small_model, load_original_retrain_checkpoint,
+                             load_original_small_model, original_search_small_model)
 from .pruned_resnet import build_pruned_resnet
 from .registry import SMALL_MODEL_PATTERN
 from .training import BEST, CHECKPOINT
@@ -113,16 +117,22 @@ def compressed_model_file(path: str | os.PathLike) -> Path:
                     f"folder (no run_info.json with {BEST} or {CHECKPOINT})")
 
 
-def load_compressed_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_compressed_model(path: str | os.PathLike,
+                          registry: str | os.PathLike | None = None) -> tuple[nn.Module, dict]:
     """(the compressed model in eval mode on the CPU, info) from a small-model file, a retrain
     checkpoint, or an experiment folder holding one (``compressed_model_file``).
 
     ``info`` holds ``path`` (the file read), ``arch``, ``scope``, ``num_classes``,
     ``epoch`` (None if unknown) and ``mask`` (the ``mask_to_record`` record).
-    The model is rebuilt from the mask inside the file: no registry is needed.
+    The model is rebuilt from the mask inside the file: no registry is needed, but for a
+    retrain checkpoint of the original, which has no mask (``registry``: None, the default one).
     """
-    path = compressed_model_file(path)
+    path = original_search_small_model(path) or compressed_model_file(path)
     saved = load_checkpoint(path)
+    if is_original_small_model(saved):
+        return load_original_small_model(path, saved)
+    if is_original_retrain_checkpoint(saved, path):
+        return load_original_retrain_checkpoint(path, saved, registry)
     missing = [key for key in REQUIRED_KEYS if key not in saved]
     if missing:
         raise UserError(f"{path} is not a compressed model: it has no {', '.join(missing)} "
@@ -262,13 +272,15 @@ def _stem(checkpoint: Path) -> str:
 
 def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FORMATS,
                             out_dir: str | os.PathLike | None = None, image_size: int = 224,
-                            batch_size: int = 1, force: bool = False, fold_bn: bool = False) -> ExportResult:
+                            batch_size: int = 1, force: bool = False, fold_bn: bool = False,
+                            registry: str | os.PathLike | None = None) -> ExportResult:
     """Export the compressed model at ``path`` (see ``load_compressed_model``) in ``formats``.
 
     The files are ``<out_dir>/<checkpoint name>.torchscript.pt`` / ``.onnx``; ``out_dir``
     defaults to the checkpoint's folder. Raises ``ExportMismatch`` (and writes nothing)
     if an exported model deviates from PyTorch by more than ``RELATIVE_TOLERANCE``.
-    ``fold_bn`` exports the model with its BatchNorms folded into the convs.
+    ``fold_bn`` exports the model with its BatchNorms folded into the convs; ``registry``
+    is where a retrain checkpoint of the original finds its baseline's mask.
     """
     check_formats(formats)
     formats = list(dict.fromkeys(formats))  # each once, in the order given
@@ -276,7 +288,7 @@ def export_compressed_model(path: str | os.PathLike, formats: Sequence[str] = FO
         require_onnx_packages()
     if image_size < 1 or batch_size < 1:
         raise UserError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
-    model, info = load_compressed_model(path)
+    model, info = load_compressed_model(path, registry)
     out_dir = Path(out_dir) if out_dir is not None else info["path"].parent
     if not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: no such folder")
@@ -319,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fuse-bn", action="store_true", dest="fold_bn",
                         help="fold every BatchNorm into its conv first (faster to run; same outputs)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
+    parser.add_argument("--registry", metavar="FILE", default=None,
+                        help="model registry naming the search behind a retrain of the original, whose "
+                             "checkpoints carry no mask (default: list_of_models.py next to the scripts)")
     return parser
 
 
@@ -326,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = export_compressed_model(args.path, args.formats, args.out, args.image_size,
-                                         args.batch_size, args.force, args.fold_bn)
+                                         args.batch_size, args.force, args.fold_bn, args.registry)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

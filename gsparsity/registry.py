@@ -10,6 +10,20 @@ A relative ``experiment_dir`` starts from the registry file's folder; for a regi
 that is a symlink, from the folder of the file it points to, so that every reader of
 the shared file finds the same folders.
 
+The original's ``list_of_models.py`` is read too: its lines ``name = 'folder'``, which
+its retrain scripts imported and evaluated as ``list_of_models.<name>``, are entries that
+name only their experiment folder (``{"experiment_dir": folder}``), read from the parsed
+source as the literal is. Such an entry has no scope or arch field: :func:`resolve` takes
+them from the folder's files. Its ``small_model_<scope>_<threshold>.pth.tar`` of 1e-06 (the
+original retrain's default threshold; else the newest) gives the scope: the original names
+its compressed models so, while its mask is ``mask_<threshold>.npy`` for both scopes. Beside
+the original's ``.npy`` mask the arch is resnet50, the only one the original compresses;
+beside our ``mask_<scope>_<threshold>.json`` it is the one the small model records.
+Besides such lines and the literal, the file may hold only strings (its docstring) and
+comments: anything else is refused, naming its line, since the file is never run.
+Registering writes the ``MODELS`` literal (appended if the file has none) and leaves those
+lines as they are; a name taken by one is not replaced or removed.
+
 Also a command: ``python -m gsparsity.registry NAME EXPERIMENT_FOLDER`` registers the
 compressed model that a finished search left in its folder.
 """
@@ -34,6 +48,9 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "list_of_models.py"
 MODELS_VARIABLE = "MODELS"
 FIELDS = ("experiment_dir", "small_model", "mask", "scope", "arch")  # every entry has these
 SMALL_MODEL_PATTERN = re.compile(r"small_model_(?P<suffix>.+)\.pth\.tar")  # as small_model_file names them
+SCOPED_SMALL_MODEL = re.compile(rf"small_model_(?P<scope>{'|'.join(SCOPES)})_(?P<threshold>.+)\.pth\.tar")
+ORIGINAL_ARCH = "resnet50"  # the only architecture the original compresses
+ORIGINAL_THRESHOLD = "1e-06"  # the original retrain's default --pruning_threshold, as its file names write it
 FORBIDDEN_CATEGORIES = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph breaks
 INDENT = "    "
 
@@ -53,9 +70,10 @@ class RegisteredModel:
 # --- reading ---------------------------------------------------------------------------
 
 def read_registry(path: str | os.PathLike = DEFAULT_REGISTRY) -> dict[str, dict[str, str]]:
-    """Every entry of the registry, as ``{name: {field: value}}``, without running the file."""
+    """Every entry of the registry, as ``{name: {field: value}}``, without running the file;
+    a line ``name = 'folder'`` of the original's reads as ``{"experiment_dir": folder}``."""
     path = Path(path)
-    return _literal_models(_models_node(_read_source(path), path), path)
+    return _parse(_read_source(path), path).entries
 
 
 def _read_source(path: Path) -> str:
@@ -68,20 +86,60 @@ def _read_source(path: Path) -> str:
         raise UserError(f"model registry {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def _models_node(source: str, path: Path) -> ast.expr:
-    """The expression assigned to MODELS at the top level of the file."""
+@dataclass
+class _Parsed:
+    """What the registry's source holds: the MODELS literal and the original's lines."""
+
+    node: ast.expr | None  # the expression assigned to MODELS; None: the file has none
+    models: dict[str, dict[str, str]]  # that literal's entries
+    lines: dict[str, int]  # name -> line number, of the original's `name = 'folder'` lines
+    entries: dict[str, dict[str, str]]  # both, in the order of the file
+
+
+def _parse(source: str, path: Path) -> _Parsed:
+    """Every top-level statement must be a string (a docstring), the MODELS literal, or a
+    line ``name = 'folder'`` of the original's; anything else is refused, naming its line."""
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as error:
         raise UserError(f"model registry {path}: syntax error on line {error.lineno}: {error.msg}") from None
-    values = [statement.value for statement in tree.body
-              if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None
-              and _assigns_models(statement)]
-    if not values:
-        raise UserError(f"model registry {path}: no '{MODELS_VARIABLE} = {{...}}' at the top level")
-    if len(values) > 1:
-        raise UserError(f"model registry {path}: {MODELS_VARIABLE} is assigned {len(values)} times; keep one")
-    return values[0]
+    nodes, lines, segments = [], {}, [{}]  # segments: line entries before and after the literal
+    for statement in tree.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) \
+                and isinstance(statement.value.value, str):
+            continue
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None \
+                and _assigns_models(statement):
+            nodes.append(statement.value)
+            segments.append({})
+            continue
+        name, folder = _folder_line(statement, source, path)
+        if name in lines:
+            raise UserError(f"model registry {path}: {name!r} is assigned on lines {lines[name]} and "
+                            f"{statement.lineno}; keep one")
+        lines[name] = statement.lineno
+        segments[-1][name] = {"experiment_dir": folder}
+    if len(nodes) > 1:
+        raise UserError(f"model registry {path}: {MODELS_VARIABLE} is assigned {len(nodes)} times; keep one")
+    models = _literal_models(nodes[0], path) if nodes else {}
+    both = [name for name in models if name in lines]
+    if both:
+        raise UserError(f"model registry {path}: {both[0]!r} is both an entry of {MODELS_VARIABLE} and a line "
+                        f"of its own (line {lines[both[0]]}); keep one")
+    entries = {**segments[0], **models, **(segments[1] if nodes else {})}
+    return _Parsed(node=nodes[0] if nodes else None, models=models, lines=lines, entries=entries)
+
+
+def _folder_line(statement: ast.stmt, source: str, path: Path) -> tuple[str, str]:
+    """(name, folder) of a line ``name = 'folder'``, the original's form of an entry."""
+    if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name) and isinstance(statement.value, ast.Constant)
+            and isinstance(statement.value.value, str)):
+        return statement.targets[0].id, statement.value.value
+    text = (ast.get_source_segment(source, statement) or "").splitlines()[:1] or [""]
+    raise UserError(f"model registry {path}: line {statement.lineno} ({text[0][:60]!r}) is neither a line "
+                    f"name = 'folder' nor the {MODELS_VARIABLE} = {{...}} literal; the file is read as data, "
+                    f"never run, so nothing else may be in it but strings and comments")
 
 
 def _assigns_models(statement: ast.Assign | ast.AnnAssign) -> bool:
@@ -130,6 +188,8 @@ def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> Registered
     if name not in models:
         raise UserError(_unknown_name_message(name, models, path))
     entry = models[name]
+    if set(entry) == {"experiment_dir"}:  # the original's line name = 'folder'
+        return _resolve_folder(name, entry["experiment_dir"], path)
     missing = [field for field in FIELDS if field not in entry]
     if missing:
         raise UserError(f"model registry {path}: entry {name!r} lacks {', '.join(missing)}")
@@ -145,6 +205,42 @@ def resolve(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> Registered
             raise UserError(f"model {name!r}: its {field.replace('_', ' ')} {file} is gone (registered in {path})")
     return RegisteredModel(name=name, experiment_dir=experiment_dir, small_model=files["small_model"],
                            mask=files["mask"], scope=entry["scope"], arch=entry["arch"])
+
+
+def _resolve_folder(name: str, stored: str, path: Path) -> RegisteredModel:
+    """An entry that names only its experiment folder: its small model (``default_small_model``)
+    gives the scope, the mask beside it the arch (module docstring)."""
+    folder = Path(os.path.abspath(_registry_folder(path) / _check_path_text(f"model {name!r}: folder", stored)))
+    if not folder.is_dir():
+        raise UserError(f"model {name!r}: its experiment folder {folder} is gone (registered in {path})")
+    small_models = [file for file in saved_small_models(folder) if SCOPED_SMALL_MODEL.fullmatch(file.name)]
+    if not small_models:
+        raise UserError(f"model {name!r}: its experiment folder {folder} holds no small_model_<"
+                        f"{'|'.join(SCOPES)}>_<threshold>.pth.tar (registered in {path})")
+    small_model = default_small_model(small_models)
+    found = SCOPED_SMALL_MODEL.fullmatch(small_model.name)
+    ours = folder / f"mask_{found['scope']}_{found['threshold']}.json"
+    originals = folder / f"mask_{found['threshold']}.npy"
+    if ours.is_file():
+        mask, arch = ours, load_checkpoint(small_model).get("arch")
+        if not isinstance(arch, str):
+            raise UserError(f"model {name!r}: {small_model} does not record its arch")
+    elif originals.is_file():
+        mask, arch = originals, ORIGINAL_ARCH
+    else:
+        raise UserError(f"model {name!r}: {folder} has no mask beside {small_model.name} "
+                        f"(neither {ours.name} nor the original's {originals.name})")
+    return RegisteredModel(name=name, experiment_dir=folder, small_model=small_model, mask=mask,
+                           scope=found["scope"], arch=arch)
+
+
+def default_small_model(small_models: list[Path]) -> Path:
+    """Of a folder's ``small_model_<scope>_<threshold>.pth.tar``, the one of 1e-06, which the
+    original's retrain takes by default (its search also saves 1e-05 ... 0.1 when it ends,
+    after it); else the newest."""
+    default = [file for file in small_models if SCOPED_SMALL_MODEL.fullmatch(file.name)["threshold"]
+               == ORIGINAL_THRESHOLD]
+    return max(default or small_models, key=lambda file: file.stat().st_mtime)
 
 
 def _unknown_name_message(name: str, models: dict, path: Path) -> str:
@@ -230,10 +326,10 @@ def register(name: str, experiment_dir: str | os.PathLike, small_model: str, mas
         "arch": arch,
     }
     source = _read_source(path)
-    models = _literal_models(_models_node(source, path), path)
-    _check_name_free(name, models, path, overwrite)
-    models[name] = entry
-    _write_models(path, source, models)
+    parsed = _parse(source, path)
+    _check_name_free(name, parsed, path, overwrite)
+    models = {**parsed.models, name: entry}
+    _write_models(path, source, parsed, models)
     if read_registry(path).get(name) != entry:  # defence in depth: what is on disk is what we meant
         raise UserError(f"model registry {path}: entry {name!r} did not read back as written")
 
@@ -243,7 +339,7 @@ def check_can_register(name: str, path: str | os.PathLike = DEFAULT_REGISTRY, ov
     search given ``--register`` fails before it trains rather than after; reads, never writes."""
     path = Path(path)
     check_model_name(name)
-    _check_name_free(name, read_registry(path), path, overwrite)
+    _check_name_free(name, _parse(_read_source(path), path), path, overwrite)
     _check_writable(path)
 
 
@@ -275,22 +371,28 @@ def registers_itself(name: str, folder: str | os.PathLike | None, path: str | os
     return registered == os.path.realpath(folder)
 
 
-def _check_name_free(name: str, models: dict[str, dict[str, str]], path: Path, overwrite: bool) -> None:
-    if name in models and not overwrite:
+def _check_name_free(name: str, parsed: _Parsed, path: Path, overwrite: bool) -> None:
+    if name in parsed.lines:
+        raise UserError(f"model registry {path} has {name!r} on line {parsed.lines[name]}, a line "
+                        f"{name} = 'folder' that is kept as written; choose another name, or edit that line")
+    if name in parsed.models and not overwrite:
         raise UserError(f"model registry {path} already has {name!r} (experiment_dir "
-                        f"{models[name].get('experiment_dir')!r}); choose another name, or replace that entry with "
-                        f"python -m gsparsity.registry {name} FOLDER --overwrite")
+                        f"{parsed.models[name].get('experiment_dir')!r}); choose another name, or replace that "
+                        f"entry with python -m gsparsity.registry {name} FOLDER --overwrite")
 
 
 def unregister(name: str, path: str | os.PathLike = DEFAULT_REGISTRY) -> None:
     """Remove the entry ``name`` from the registry file (its files stay on disk)."""
     path = Path(path)
     source = _read_source(path)
-    models = _literal_models(_models_node(source, path), path)
-    if name not in models:
-        raise UserError(_unknown_name_message(name, models, path))
-    del models[name]
-    _write_models(path, source, models)
+    parsed = _parse(source, path)
+    if name in parsed.lines:
+        raise UserError(f"model registry {path}: {name!r} is the line {parsed.lines[name]}, "
+                        f"{name} = 'folder', which is kept as written; remove it by hand")
+    if name not in parsed.models:
+        raise UserError(_unknown_name_message(name, parsed.entries, path))
+    models = {key: value for key, value in parsed.models.items() if key != name}
+    _write_models(path, source, parsed, models)
 
 
 def register_experiment(name: str, folder: str | os.PathLike, path: str | os.PathLike = DEFAULT_REGISTRY,
@@ -315,13 +417,20 @@ def register_experiment(name: str, folder: str | os.PathLike, path: str | os.Pat
     return resolve(name, path)
 
 
-def _write_models(path: Path, source: str, models: dict[str, dict[str, str]]) -> None:
-    """Replace the source text of the MODELS literal, keeping every other byte of the file."""
-    node = _models_node(source, path)
-    start = _char_offset(source, node.lineno, node.col_offset)
-    end = _char_offset(source, node.end_lineno, node.end_col_offset)
-    new_source = source[:start] + _render(models, _newline_of(source)) + source[end:]
-    if _literal_models(_models_node(new_source, path), path) != models:  # never write what reads back wrong
+def _write_models(path: Path, source: str, parsed: _Parsed, models: dict[str, dict[str, str]]) -> None:
+    """Replace the source text of the MODELS literal, keeping every other byte of the file;
+    a file without one (the original's) gets it appended."""
+    newline, node = _newline_of(source), parsed.node
+    if node is None:
+        separator = newline if source and not source.endswith(("\n", "\r")) else ""
+        new_source = f"{source}{separator}{MODELS_VARIABLE} = {_render(models, newline)}{newline}"
+    else:
+        start = _char_offset(source, node.lineno, node.col_offset)
+        end = _char_offset(source, node.end_lineno, node.end_col_offset)
+        new_source = source[:start] + _render(models, newline) + source[end:]
+    reread, kept = _parse(new_source, path), {name: parsed.entries[name] for name in parsed.lines}
+    if reread.models != models or {name: reread.entries[name] for name in reread.lines} != kept:
+        # never write what reads back wrong
         raise UserError(f"model registry {path}: the rewritten registry would not read back; left unchanged")
     atomic_write_text(path, new_source)
 

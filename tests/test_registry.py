@@ -104,9 +104,9 @@ def test_rewrite_keeps_the_docstring_and_hand_written_comments_byte_for_byte(reg
     assert rewritten.endswith(HAND_COMMENT)
 
 
-def test_code_around_the_literal_is_kept(tmp_path):
+def test_text_around_the_literal_is_kept(tmp_path):
     registry = tmp_path / "list_of_models.py"
-    before, after = "import os  # users' own code\r\nX = 1\r\n", "  # trailing note\r\nY = [MODELS]\r\n"
+    before, after = "'Notes.'  # users' own\r\nold = 'conv12_old'\r\n", "  # trailing note\r\nlater = 'x'\r\n"
     registry.write_bytes(f"{before}MODELS: dict = {{\r\n    # old note\r\n}}{after}".encode())
     register_run(registry, "run", make_experiment(tmp_path))
     rewritten = registry.read_bytes().decode()
@@ -114,13 +114,14 @@ def test_code_around_the_literal_is_kept(tmp_path):
     assert rewritten.endswith("}" + after)
     assert "\n" not in rewritten.replace("\r\n", "")  # keeps the file's CRLF line ends
     assert read_registry(registry)["run"]["scope"] == "conv12"
+    assert list(read_registry(registry)) == ["old", "run", "later"]  # the original's lines, in file order
 
 
 def test_non_ascii_text_before_the_literal_is_kept(tmp_path):
     registry = tmp_path / "list_of_models.py"
-    registry.write_text('NOTE = "Modèle réduit: ½ filters"; MODELS = {}\n', encoding="utf-8")
+    registry.write_text('"Modèle réduit: ½ filters"; MODELS = {}\n', encoding="utf-8")
     register_run(registry, "run", make_experiment(tmp_path))
-    assert registry.read_text(encoding="utf-8").startswith('NOTE = "Modèle réduit: ½ filters"; MODELS = {\n')
+    assert registry.read_text(encoding="utf-8").startswith('"Modèle réduit: ½ filters"; MODELS = {\n')
     assert list(read_registry(registry)) == ["run"]
 
 
@@ -276,14 +277,24 @@ def test_missing_registry_file_is_a_user_error(tmp_path):
 
 
 @pytest.mark.parametrize("source, problem", [
-    ("X = {}\n", "no 'MODELS = {...}'"),
+    ("X = {}\n", r"line 1 \('X = \{\}'\) is neither a line name = 'folder' nor the MODELS = \{...\} literal"),
+    ("import os\nMODELS = {}\n", r"line 1 \('import os'\) is neither"),
+    ("MODELS = {}\nY = [MODELS]\n", r"line 2 \('Y = \[MODELS\]'\) is neither"),
     ("MODELS = dict(a={})\n", "must be a literal dict"),
     ("MODELS = __import__('os').system('echo INJECTED')\n", "must be a literal dict"),
     ("MODELS = []\n", "is a list, not a dict"),
     ("MODELS = {}\nMODELS = {}\n", "assigned 2 times"),
     ("MODELS = {'a': {'scope': 12}}\n", "must be a string"),
+    # the original's lines name = 'folder': only that form, each name once
+    ("run = 'folder'\nrun = 'other'\n", "'run' is assigned on lines 1 and 2; keep one"),
+    ("run = 'folder'\nMODELS = {'run': {}}\n", r"'run' is both an entry of MODELS and a line of its own \(line 1\)"),
+    ("run = 'a' + 'b'\n", r"line 1 \(\"run = 'a' \+ 'b'\"\) is neither"),
+    ("run = base + '/x'\n", "line 1 "),
+    ("run: str = 'folder'\n", "line 1 "),
+    ("a = b = 'folder'\n", "line 1 "),
+    ("\n\nrun = f'{__import__(\"os\").system(\"echo INJECTED\")}'\n", "line 3 "),
 ])
-def test_registry_without_one_literal_dict_of_strings_is_refused(tmp_path, capfd, source, problem):
+def test_registry_that_is_not_one_literal_dict_of_strings_and_name_lines_is_refused(tmp_path, capfd, source, problem):
     registry = tmp_path / "list_of_models.py"
     registry.write_text(source)
     with pytest.raises(UserError, match=problem):
