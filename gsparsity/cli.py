@@ -122,6 +122,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                  "from the target")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
+        add("--bn-calibration-images", default=256, type=int, metavar="N",
+            help="at every epoch end, also evaluate the compressed model with its BatchNorm "
+                 "statistics re-estimated on N training images (adaptive BN); 0: off")
     if kind in ("retrain", "original"):
         add("--label-smoothing", default=0.0, type=float, metavar="EPS",
             help="label smoothing of the training loss (cross-entropy); validation loss stays plain")
@@ -192,6 +195,8 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
             check_model_name(args.register)
         if args.target_macs is not None:
             parse_target(args.target_macs)
+        if args.bn_calibration_images < 0:
+            raise UserError(f"--bn-calibration-images must be >= 0, got {args.bn_calibration_images}")
         if args.budget_steps < 2:
             raise UserError(f"--budget-steps must be >= 2, got {args.budget_steps}")
         if args.budget_probes < 1:

@@ -46,7 +46,7 @@ from .masks import mask_from_record
 from .original_files import (is_original_retrain_checkpoint, is_original_small_model, load_original_retrain_checkpoint,
                              load_original_small_model, original_search_small_model)
 from .pruned_resnet import build_pruned_resnet
-from .registry import SMALL_MODEL_PATTERN
+from .registry import SMALL_MODEL_PATTERN, searched_small_model
 from .training import BEST, CHECKPOINT
 
 FORMATS = ("torchscript", "onnx")
@@ -98,7 +98,7 @@ class ExportResult:
 
 def compressed_model_file(path: str | os.PathLike) -> Path:
     """The checkpoint holding a compressed model: ``path`` itself if it is a file, else the
-    newest ``small_model_*.pth.tar`` of a search folder or the best (else latest) checkpoint
+    ``small_model_*.pth.tar`` of a search folder (its own threshold's) or the best (else latest) checkpoint
     of a retrain folder."""
     path = Path(path)
     if not path.exists():
@@ -107,8 +107,8 @@ def compressed_model_file(path: str | os.PathLike) -> Path:
         return path
     small_models = [file for file in path.iterdir() if SMALL_MODEL_PATTERN.fullmatch(file.name)]
     if small_models:
-        # As the registry does: the newest, should a resumed search have left several.
-        return max(small_models, key=lambda file: file.stat().st_mtime)
+        # As the registry does: the search's own threshold (others are saved beside it).
+        return searched_small_model(path, small_models)
     if (path / RUN_INFO).is_file():
         for name in (BEST, CHECKPOINT):  # model_best is missing while top-1 stayed 0
             if (path / name).is_file():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import keyword
 import os
 import re
@@ -409,12 +410,25 @@ def register_experiment(name: str, folder: str | os.PathLike, path: str | os.Pat
     if not small_models:
         raise UserError(f"experiment folder {folder} holds no small_model_*.pth.tar: "
                         f"has its search finished an epoch?")
-    small_model = max(small_models, key=lambda file: file.stat().st_mtime)
+    small_model = searched_small_model(folder, small_models)
     mask_name = f"mask_{SMALL_MODEL_PATTERN.fullmatch(small_model.name)['suffix']}.json"
     saved = load_checkpoint(small_model)
     register(name, folder, small_model.name, mask_name, saved.get("scope"), saved.get("arch"),
              path=path, overwrite=overwrite)
     return resolve(name, path)
+
+
+def searched_small_model(folder: Path, small_models: list[Path]) -> Path:
+    """The compressed model of the search's own ``--pruning_threshold`` (a search saves the
+    original's other thresholds beside it); where run_info.json does not say it (a folder of
+    the original's), the 1e-06 one, the original retrain's default; else the newest."""
+    try:
+        info = json.loads((folder / "run_info.json").read_text(encoding="utf-8"))
+        own = [folder / small_model_file(info["scope"], float(info["args"]["pruning_threshold"]))]
+    except (OSError, ValueError, KeyError, TypeError):
+        own = [file for file in small_models if file.name.endswith(f"_{1e-6:g}.pth.tar")]
+    chosen = [file for file in own if file in small_models]
+    return chosen[0] if chosen else max(small_models, key=lambda file: file.stat().st_mtime)
 
 
 def _write_models(path: Path, source: str, parsed: _Parsed, models: dict[str, dict[str, str]]) -> None:

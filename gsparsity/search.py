@@ -4,6 +4,7 @@ zero, and after every epoch compress the model to the filters that survive.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import shlex
 import sys
@@ -16,6 +17,7 @@ from proxsgd import ProxSGD, group_model_parameters
 
 from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
                      start_norms, target_macs)
+from .bn_calibration import calibration_loader, recalibrate_batchnorm
 from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
@@ -24,6 +26,7 @@ from .experiment import open_experiment, timestamp, write_run_info
 from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
 from .registry import (check_can_register, mask_file, register_experiment, registers_itself, registry_file,
                        small_model_file)
+from .engine import validate
 from .sparsity import sparsity_report
 from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
 
@@ -32,6 +35,8 @@ CHECK_IMAGES = 8  # images on which the compressed model is compared with the fu
 # --layer_adaptive when not given, as the original's scripts have it: its conv12 search doubles
 # mu in layer2 and layer3, its all_conv search gives every stage the same mu.
 LAYER_ADAPTIVE_BY_SCOPE = {"conv12": True, "all_conv": False}
+# The thresholds at which the original's search saves its compressed model when it ends.
+ORIGINAL_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def experiment_name(args: argparse.Namespace, scope: str) -> str:
@@ -69,6 +74,10 @@ class EpochEnd:
         self.goal_macs = target_macs(run.args.target_macs, full_macs) if run.args.target_macs else None
         self.norms_at_start = run.extra_checkpoint.get("norms_at_start")
         self.check_batch = sample_batch(run.loaders.val.dataset, run.ctx.device) if run.ctx.is_main else None
+        images = run.args.bn_calibration_images
+        self.calibration = (calibration_loader(run.loaders.train.dataset, images, run.loaders.train.batch_size,
+                                               run.ctx) if images else None)
+        self.calibration_images = 0
 
     def __call__(self, epoch: int, val) -> None:
         run, args = self.run, self.run.args
@@ -78,27 +87,18 @@ class EpochEnd:
             mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes,
                                self.norms_at_start)
         check_ranks_agree(mask, run.ctx)
-        if not run.ctx.is_main:
-            return
-        # The filters the search zeroed (the budget's mask may differ: log_budget says how).
-        report = sparsity_report(run.plain_model, by_threshold, self.scope)
-        log.info(f"epoch {epoch} sparsity (threshold {args.pruning_threshold:g}):")
-        for line in report.lines():
-            log.info(line)
-        run.scalars.add("sparsity/zero_filter_share", report.zero_share, epoch)
-        run.scalars.add("sparsity/zero_parameter_share", report.zero_parameter_share, epoch)
-        run.scalars.add_group("sparsity/zero_filter_share_per_stage",
-                              {stage: report.zero_filters[stage] / report.total_filters[stage]
-                               for stage in report.total_filters}, epoch)
-        run.scalars.add_group("kept_channels_per_stage",
-                              {stage: report.total_filters[stage] - report.zero_filters[stage]
-                               for stage in report.total_filters}, epoch)
+        # Every process compresses and evaluates (validation is sharded); rank 0 logs and saves.
         small = compress_model(run.plain_model, mask, self.scope, arch=args.arch,
                                check_input=self.check_batch)
+        accuracy = self.evaluate_compressed(small)
+        if not run.ctx.is_main:
+            return
+        self.log_sparsity(epoch, by_threshold)
         macs, params = count_macs_params(small, 224)
         log.info(f"epoch {epoch} compressed model: {format_macs_params(macs, params)} at 224x224 "
                  f"({100 * macs / self.full_macs:.1f}% of the MACs, {100 * params / self.full_params:.1f}% "
                  f"of the parameters)")
+        self.log_accuracy(epoch, accuracy)
         if self.goal_macs is not None:
             self.log_budget(epoch, mask, by_threshold, macs)
         run.scalars.add("complexity/compressed_gmacs", macs / 1e9, epoch)
@@ -111,9 +111,55 @@ class EpochEnd:
             "scope": self.scope,
             "num_classes": run.loaders.num_classes,
             "mask": mask_to_record(mask, args.arch, self.scope, threshold),
-            "state_dict": small.state_dict(),
+            "state_dict": small.state_dict(),  # BatchNorm statistics as trained: exact compression
             "val_top1_full": val.top1,
+            "val_top1_compressed": accuracy["compressed"],
+            "val_top1_recalibrated": accuracy.get("recalibrated"),
         }, run.folder / small_model_file(self.scope, threshold))
+        if epoch + 1 == args.epochs:
+            save_other_thresholds(run, self.scope, self.check_batch, val.top1, self.full_macs)
+
+    def evaluate_compressed(self, small: torch.nn.Module) -> dict[str, float]:
+        """Val top-1 of the compressed model with the BatchNorm statistics it inherited, and
+        (unless ``--bn-calibration-images 0``) of a copy whose statistics are re-estimated on
+        training images: the trained statistics trail weights that ProxSGD keeps shrinking."""
+        run, args = self.run, self.run.args
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        small = small.to(memory_format=memory_format)
+        accuracy = {"compressed": validate(small, run.loaders.val, run.criterion, run.ctx, args).top1}
+        if self.calibration is not None:
+            calibrated = copy.deepcopy(small)
+            self.calibration_images = recalibrate_batchnorm(calibrated, self.calibration, run.ctx,
+                                                            args.channels_last, args.amp)
+            accuracy["recalibrated"] = validate(calibrated, run.loaders.val, run.criterion, run.ctx, args).top1
+        small.train()
+        return accuracy
+
+    def log_accuracy(self, epoch: int, accuracy: dict[str, float]) -> None:
+        line = f"epoch {epoch} compressed model: val top1 {accuracy['compressed']:.3f} (BatchNorm statistics as trained)"
+        if "recalibrated" in accuracy:
+            line += (f", {accuracy['recalibrated']:.3f} (BatchNorm recalibrated on "
+                     f"{self.calibration_images} training images)")
+        log.info(line)
+        self.run.scalars.add("val/compressed_top1", accuracy["compressed"], epoch)
+        if "recalibrated" in accuracy:
+            self.run.scalars.add("val/compressed_top1_recalibrated", accuracy["recalibrated"], epoch)
+
+    def log_sparsity(self, epoch: int, by_threshold: Mask) -> None:
+        """The filters the search zeroed (the budget's mask may differ: log_budget says how)."""
+        run, args = self.run, self.run.args
+        report = sparsity_report(run.plain_model, by_threshold, self.scope)
+        log.info(f"epoch {epoch} sparsity (threshold {args.pruning_threshold:g}):")
+        for line in report.lines():
+            log.info(line)
+        run.scalars.add("sparsity/zero_filter_share", report.zero_share, epoch)
+        run.scalars.add("sparsity/zero_parameter_share", report.zero_parameter_share, epoch)
+        run.scalars.add_group("sparsity/zero_filter_share_per_stage",
+                              {stage: report.zero_filters[stage] / report.total_filters[stage]
+                               for stage in report.total_filters}, epoch)
+        run.scalars.add_group("kept_channels_per_stage",
+                              {stage: report.total_filters[stage] - report.zero_filters[stage]
+                               for stage in report.total_filters}, epoch)
 
     def log_budget(self, epoch: int, mask: Mask, by_threshold: Mask, macs: int) -> None:
         run, args = self.run, self.run.args
@@ -123,6 +169,29 @@ class EpochEnd:
                  f"the zero filters alone give {100 * exact_macs / self.full_macs:.1f}%: "
                  f"{describe_budget_mask(run.plain_model, mask, by_threshold, self.scope)}")
         run.scalars.add("complexity/zero_filters_only_gmacs", exact_macs / 1e9, epoch)
+
+
+def save_other_thresholds(run: Run, scope: str, check_batch: torch.Tensor | None, val_top1: float,
+                          full_macs: int) -> None:
+    """As the original's search does when it ends: the mask and compressed model at each of
+    its thresholds too (the search's own is saved already), so that a retrain can take any
+    of them with ``--pruning_threshold``. One log line each: MACs, params, output deviation."""
+    args = run.args
+    for threshold in ORIGINAL_THRESHOLDS:
+        if threshold == args.pruning_threshold:
+            continue
+        mask = compute_mask(run.plain_model, threshold, scope, args.round_to)
+        small = compress_model(run.plain_model, mask, scope, arch=args.arch, check_input=check_batch)
+        macs, params = count_macs_params(small, 224)
+        deviation = getattr(small, "output_deviation", {}).get("relative", float("nan"))
+        log.info(f"threshold {threshold:g}: {format_macs_params(macs, params)} "
+                 f"({100 * macs / full_macs:.1f}% of the MACs), output deviation {deviation:.3g}")
+        save_mask(mask, run.folder / mask_file(scope, threshold), args.arch, scope, threshold)
+        atomic_save({"epoch": args.epochs, "arch": args.arch, "scope": scope,
+                     "num_classes": run.loaders.num_classes,
+                     "mask": mask_to_record(mask, args.arch, scope, threshold),
+                     "state_dict": small.state_dict(), "val_top1_full": val_top1},
+                    run.folder / small_model_file(scope, threshold))
 
 
 def check_registry_takes_name(args: argparse.Namespace, ctx: DistContext) -> None:
@@ -189,7 +258,10 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     extra = {"norms_at_start": start_norms(model, scope)} if args.target_macs is not None else {}
     run = start_run(args, ctx, folder, model, optimizer, loaders, extra_checkpoint=extra)
     if args.evaluate:
-        evaluate_only(run)
+        metrics = evaluate_only(run)
+        if args.resume and run.start_epoch >= args.epochs and ctx.is_main:  # a finished search
+            check_batch = sample_batch(loaders.val.dataset, ctx.device)
+            save_other_thresholds(run, scope, check_batch, metrics.top1, full_macs)
         return
     if ctx.is_main and not args.resume:
         write_run_info(folder, args, script, {"scope": scope, "budget": budget})

@@ -224,7 +224,7 @@ def test_bad_input_gets_one_line_and_exit_status_2(bad_input, tmp_path, capsys):
 
 def test_load_compressed_model_finds_the_small_model_of_a_real_search_folder(tiny_runs):
     search, _ = tiny_runs
-    (small_model_path,) = search.glob("small_model_*.pth.tar")
+    (small_model_path,) = search.glob("small_model_*_1e-06.pth.tar")  # the search's own threshold
     model, info = load_compressed_model(search)
     assert info["path"] == small_model_path
     saved = load_checkpoint(small_model_path)

@@ -521,7 +521,7 @@ def test_baseline_model_whose_experiment_folder_was_deleted(capsys, reference, r
 
 def test_a_small_model_whose_mask_was_tampered_with_is_refused(capsys, reference, registry, tmp_path):
     folder = registered_copy(reference, tmp_path, registry)
-    small_model = only_folder(folder, "small_model_*")
+    small_model = only_folder(folder, "small_model_*_1e-06.pth.tar")
     saved = load_checkpoint(small_model)
     layers = saved["mask"]["layers"]
     name = next(iter(layers))

@@ -36,7 +36,7 @@ def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
     search, _ = tiny_runs
     experiment = read_experiment(search)
     checkpoint = load_checkpoint(search / "checkpoint.pth.tar")
-    (small_model,) = search.glob("small_model_*.pth.tar")
+    (small_model,) = search.glob("small_model_*_1e-06.pth.tar")  # the search's own threshold
     rows = table_rows(experiment)
     assert experiment.source == EVENTS
     assert len(rows) == checkpoint["epoch"] == SEARCH_EPOCHS
@@ -59,7 +59,7 @@ def test_retrain_starts_with_the_inherited_weights_then_one_row_per_epoch(tiny_r
 def test_kept_filters_per_layer_are_those_of_the_compressed_model(tiny_runs):
     search, _ = tiny_runs
     experiment = read_experiment(search)
-    (small_model,) = search.glob("small_model_*.pth.tar")
+    (small_model,) = search.glob("small_model_*_1e-06.pth.tar")  # the search's own threshold
     weights = load_checkpoint(small_model)["state_dict"]
     assert {layer.name: (layer.kept, layer.total) for layer in experiment.layers} == {
         name: (weights[f"{name}.weight"].shape[0] if f"{name}.weight" in weights else 0, record["filters"])
