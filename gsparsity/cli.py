@@ -136,6 +136,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             help="softmax temperature of the teacher's and the student's outputs in the distillation term")
         add("--distill-weight", default=DISTILL_WEIGHT, type=float, metavar="A",
             help="loss = (1-A) * cross-entropy + A * T^2 * KL(teacher || student), in [0, 1]")
+        add("--rescale-filters", action=argparse.BooleanOptionalAction, default=False,
+            help="before retraining, scale every branch conv's filters (and its BatchNorm statistics) "
+                 "to the norm of a freshly initialised conv: the search's shrinking leaves them tiny, "
+                 "which makes SGD's steps on them huge (gsparsity/filter_norms.py)")
         add("--baseline_model", default=None, metavar="NAME",
             help="name of the compressed model in list_of_models.py")
         add("--pruning_threshold", default=None, type=float, metavar="T",

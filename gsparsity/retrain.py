@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from .data import build_loaders
 from .distill import DistillationLoss, distill_record, load_teacher, teacher_file
 from .distributed import DistContext
 from .errors import UserError
+from .filter_norms import rescale_branch_filters
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
 from .registry import registry_file, resolve, saved_small_models, small_model_file
@@ -63,6 +65,11 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
     args.arch = mask_record["arch"]  # the searched model's, whatever -a says
+    if args.rescale_filters and not args.resume:  # a resumed run's checkpoint has rescaled weights
+        factors = rescale_branch_filters(model)
+        log.info(f"--rescale-filters: branch filters scaled to a fresh conv's norm, by a median factor of "
+                 f"{statistics.median(factors.values()):.3g} (from {min(factors.values()):.3g} to "
+                 f"{max(factors.values()):.3g} per conv)")
     teacher = None if teacher_path is None else load_teacher(teacher_path, args.arch, loaders.num_classes,
                                                              ctx.device, args.channels_last)
     folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}", script)
