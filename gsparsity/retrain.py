@@ -53,6 +53,14 @@ def small_model_path(args: argparse.Namespace, scope: str) -> Path:
     return path
 
 
+def retrain_folder_name(args: argparse.Namespace, scope: str) -> str:
+    """As the original's two retrain scripts name their folders (each its own way)."""
+    if scope == "all_conv":
+        return (f"retrain_{args.baseline_model}_lr_{args.lr}_momentum_{args.momentum}"
+                f"_wd_{args.weight_decay}_{timestamp()}")
+    return f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}"
+
+
 def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     if args.seed is not None:
         seed_everything(args.seed)
@@ -72,7 +80,7 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
                  f"{max(factors.values()):.3g} per conv)")
     teacher = None if teacher_path is None else load_teacher(teacher_path, args.arch, loaders.num_classes,
                                                              ctx.device, args.channels_last)
-    folder = open_experiment(args, ctx, f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}", script)
+    folder = open_experiment(args, ctx, retrain_folder_name(args, scope), script)
     model = place_model(model, args, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

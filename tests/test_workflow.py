@@ -39,7 +39,9 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
                          "--baseline_model", f"tiny_{scope}", "--registry", str(registry),
                          "--path_to_save", str(tmp_path))
     assert "inherited weights, before retraining: top1" in retrain.stdout
-    retrained = only_folder(tmp_path, f"retrain_resnet50_tiny_{scope}_*")
+    named = {"conv12": "retrain_resnet50_tiny_conv12_2*",  # as the original's two scripts name them
+             "all_conv": "retrain_tiny_all_conv_lr_0.01_momentum_0.9_wd_0.0001_2*"}
+    retrained = only_folder(tmp_path, named[scope])
     saved = load_checkpoint(retrained / "checkpoint.pth.tar")
     assert saved["scope"] == scope and saved["epoch"] == 1
     small = load_checkpoint(folder / f"small_model_{scope}_1e-06.pth.tar")
