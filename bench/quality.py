@@ -50,14 +50,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gsparsity.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from gsparsity.checkpoint import load_checkpoint  # noqa: E402
 from gsparsity.complexity import count_macs_params  # noqa: E402
-from gsparsity.export import load_compressed_model  # noqa: E402
-from gsparsity.masks import Mask, compress_model, mask_from_record, mask_to_record, save_mask  # noqa: E402
+from gsparsity.export import load_compressed_model, save_compressed_model  # noqa: E402
+from gsparsity.masks import Mask, compress_model, mask_from_record  # noqa: E402
 from gsparsity.models import build_model  # noqa: E402
 from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
-from gsparsity.registry import (mask_file, register_experiment, saved_small_models, searched_small_model,  # noqa: E402
-                                small_model_file)
+from gsparsity.registry import register_experiment, saved_small_models, searched_small_model  # noqa: E402
 from gsparsity.report import EPOCH_DONE  # noqa: E402
 from gsparsity.structure import prunable_convs  # noqa: E402
 
@@ -210,10 +209,7 @@ def random_ranks(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def write_small_model(folder: Path, small: torch.nn.Module, mask: Mask, arch: str, num_classes: int) -> Path:
     """A search-like folder holding ``small`` as a search leaves its compressed model."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_mask(mask, folder / mask_file(SCOPE, THRESHOLD), arch, SCOPE, THRESHOLD)
-    atomic_save({"epoch": 0, "arch": arch, "scope": SCOPE, "num_classes": num_classes,
-                 "mask": mask_to_record(mask, arch, SCOPE, THRESHOLD), "state_dict": small.state_dict()},
-                folder / small_model_file(SCOPE, THRESHOLD))
+    save_compressed_model(folder, small, mask, arch, SCOPE, THRESHOLD, num_classes, epoch=0)
     return folder
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import sample_seed
 from .distributed import DistContext, all_reduce_sum
-from .engine import autocast
+from .engine import autocast, to_device
 
 CALIBRATION_SEED = 1_234_567  # augmentation seed of the calibration images, fixed for every run
 
@@ -57,9 +57,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, ctx: DistContext
     model.train()
     seen = 0
     try:
-        for images, _ in loader:
-            memory_format = torch.channels_last if channels_last else torch.contiguous_format
-            images = images.to(ctx.device, memory_format=memory_format)
+        for images, labels in loader:
+            images, _ = to_device(images, labels, ctx.device, channels_last)
             with autocast(ctx.device, amp):
                 model(images)
             seen += images.shape[0]

@@ -38,15 +38,15 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
+from .checkpoint import atomic_save, atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
 from .experiment import RUN_INFO
 from .inference import fuse_bn
-from .masks import mask_from_record
+from .masks import Mask, mask_from_record, mask_to_record, save_mask
 from .original_files import (is_original_retrain_checkpoint, is_original_small_model, load_original_retrain_checkpoint,
                              load_original_small_model, original_search_small_model)
 from .pruned_resnet import build_pruned_resnet
-from .registry import SMALL_MODEL_PATTERN, searched_small_model
+from .registry import SMALL_MODEL_PATTERN, mask_file, searched_small_model, small_model_file
 from .training import BEST, CHECKPOINT
 
 FORMATS = ("torchscript", "onnx")
@@ -95,6 +95,19 @@ class ExportResult:
 
 
 # --- finding and loading the compressed model ------------------------------------------
+
+def save_compressed_model(folder: Path, small: nn.Module, mask: Mask, arch: str, scope: str, threshold: float,
+                          num_classes: int, epoch: int, **figures: float | None) -> Path:
+    """Write what a search leaves for one threshold: ``mask_<scope>_<t>.json`` and the
+    ``small_model_<scope>_<t>.pth.tar`` that :func:`load_compressed_model` reads (``figures``:
+    accuracies stored beside the weights). Returns the small model's path."""
+    save_mask(mask, folder / mask_file(scope, threshold), arch, scope, threshold)
+    path = folder / small_model_file(scope, threshold)
+    atomic_save({"epoch": epoch, "arch": arch, "scope": scope, "num_classes": num_classes,
+                 "mask": mask_to_record(mask, arch, scope, threshold), "state_dict": small.state_dict(),
+                 **figures}, path)
+    return path
+
 
 def compressed_model_file(path: str | os.PathLike) -> Path:
     """The checkpoint holding a compressed model: ``path`` itself if it is a file, else the

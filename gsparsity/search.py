@@ -18,14 +18,13 @@ from proxsgd import ProxSGD, group_model_parameters
 from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
                      start_norms, target_macs)
 from .bn_calibration import calibration_loader, recalibrate_batchnorm
-from .checkpoint import atomic_save
 from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
 from .experiment import open_experiment, timestamp, write_run_info
-from .masks import Mask, compress_model, compute_mask, mask_to_record, save_mask
-from .registry import (check_can_register, mask_file, register_experiment, registers_itself, registry_file,
-                       small_model_file)
+from .export import save_compressed_model
+from .masks import Mask, compress_model, compute_mask
+from .registry import check_can_register, register_experiment, registers_itself, registry_file
 from .engine import validate
 from .sparsity import sparsity_report
 from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
@@ -104,18 +103,10 @@ class EpochEnd:
         run.scalars.add("complexity/compressed_gmacs", macs / 1e9, epoch)
         run.scalars.add("complexity/compressed_mparams", params / 1e6, epoch)
         threshold = args.pruning_threshold
-        save_mask(mask, run.folder / mask_file(self.scope, threshold), args.arch, self.scope, threshold)
-        atomic_save({
-            "epoch": epoch + 1,
-            "arch": args.arch,
-            "scope": self.scope,
-            "num_classes": run.loaders.num_classes,
-            "mask": mask_to_record(mask, args.arch, self.scope, threshold),
-            "state_dict": small.state_dict(),  # BatchNorm statistics as trained: exact compression
-            "val_top1_full": val.top1,
-            "val_top1_compressed": accuracy["compressed"],
-            "val_top1_recalibrated": accuracy.get("recalibrated"),
-        }, run.folder / small_model_file(self.scope, threshold))
+        # BatchNorm statistics as trained: exact compression
+        save_compressed_model(run.folder, small, mask, args.arch, self.scope, threshold, run.loaders.num_classes,
+                              epoch + 1, val_top1_full=val.top1, val_top1_compressed=accuracy["compressed"],
+                              val_top1_recalibrated=accuracy.get("recalibrated"))
         if epoch + 1 == args.epochs:
             save_other_thresholds(run, self.scope, self.check_batch, val.top1, self.full_macs)
 
@@ -186,12 +177,8 @@ def save_other_thresholds(run: Run, scope: str, check_batch: torch.Tensor | None
         deviation = getattr(small, "output_deviation", {}).get("relative", float("nan"))
         log.info(f"threshold {threshold:g}: {format_macs_params(macs, params)} "
                  f"({100 * macs / full_macs:.1f}% of the MACs), output deviation {deviation:.3g}")
-        save_mask(mask, run.folder / mask_file(scope, threshold), args.arch, scope, threshold)
-        atomic_save({"epoch": args.epochs, "arch": args.arch, "scope": scope,
-                     "num_classes": run.loaders.num_classes,
-                     "mask": mask_to_record(mask, args.arch, scope, threshold),
-                     "state_dict": small.state_dict(), "val_top1_full": val_top1},
-                    run.folder / small_model_file(scope, threshold))
+        save_compressed_model(run.folder, small, mask, args.arch, scope, threshold, run.loaders.num_classes,
+                              args.epochs, val_top1_full=val_top1)
 
 
 def check_registry_takes_name(args: argparse.Namespace, ctx: DistContext) -> None:
