@@ -1,6 +1,7 @@
 """Evaluate (--pretrained --evaluate) or train the unpruned model. See README.md."""
-from gsparsity.launch import main
-from gsparsity.original import original
+from gsparsity.commands import WORKFLOWS, original
+
+kind, workflow = WORKFLOWS["original"]
 
 if __name__ == "__main__":
-    main("original", original)
+    original()

@@ -1,10 +1,7 @@
 """Retrain a compressed model (scope: all_conv) registered in list_of_models.py. See README.md."""
-from functools import partial
+from gsparsity.commands import WORKFLOWS, retrain_all_conv
 
-from gsparsity.launch import main
-from gsparsity.retrain import retrain
-
-workflow = partial(retrain, scope="all_conv")
+kind, workflow = WORKFLOWS["retrain_all_conv"]
 
 if __name__ == "__main__":
-    main("retrain", workflow)
+    retrain_all_conv()

@@ -1,10 +1,7 @@
 """Search which filters to prune (scope: all_conv) with ProxSGD. See README.md."""
-from functools import partial
+from gsparsity.commands import WORKFLOWS, search_all_conv
 
-from gsparsity.launch import main
-from gsparsity.search import search
-
-workflow = partial(search, scope="all_conv")
+kind, workflow = WORKFLOWS["search_all_conv"]
 
 if __name__ == "__main__":
-    main("search", workflow)
+    search_all_conv()

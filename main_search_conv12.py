@@ -1,10 +1,7 @@
 """Search which filters to prune (scope: conv12) with ProxSGD. See README.md."""
-from functools import partial
+from gsparsity.commands import WORKFLOWS, search_conv12
 
-from gsparsity.launch import main
-from gsparsity.search import search
-
-workflow = partial(search, scope="conv12")
+kind, workflow = WORKFLOWS["search_conv12"]
 
 if __name__ == "__main__":
-    main("search", workflow)
+    search_conv12()

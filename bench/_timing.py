@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from gsparsity.cpu_memory import keep_freed_memory  # the benches put the repository on sys.path first
+from gsparsity.cpu_memory import keep_freed_memory
 
 Result = TypeVar("Result")
 

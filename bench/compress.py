@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import add_memory_flag, command_line, environment_line, prepare, timed  # noqa: E402
-from gsparsity.masks import compute_mask, transfer_model_parameters  # noqa: E402
-from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
-from gsparsity.structure import prunable_convs  # noqa: E402
+from _timing import add_memory_flag, command_line, environment_line, prepare, timed
+from gsparsity.masks import compute_mask, transfer_model_parameters
+from gsparsity.pruned_resnet import build_pruned_resnet
+from gsparsity.structure import prunable_convs
 
 TARGET_SECONDS = 0.5
 

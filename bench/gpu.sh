@@ -55,7 +55,7 @@ train)
     runs=$(mktemp -d)
     step "main_search_conv12.py on FakeData, amp + channels_last" "$python" main_search_conv12.py --dummy \
         --device cuda --gpu 0 --amp --channels-last -b 256 -j 12 --epochs 2 --print-freq 20 \
-        --path_to_save "$runs"
+        --no-pretrained --path_to_save "$runs"
     rm -rf "$runs"
     ;;
 latency)

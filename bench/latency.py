@@ -46,16 +46,15 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import (  # noqa: E402
+from _timing import (
     add_memory_flag, command_line, environment_line, interleaved_medians, prepare, synchronize, timed,
 )
-from gsparsity.complexity import count_macs_params  # noqa: E402
-from gsparsity.engine import amp_dtype  # noqa: E402
-from gsparsity.inference import fuse_bn, inference_form  # noqa: E402
-from gsparsity.masks import Mask, compress_model, compute_mask, load_mask  # noqa: E402
-from gsparsity.structure import prunable_convs  # noqa: E402
+from gsparsity.complexity import count_macs_params
+from gsparsity.engine import amp_dtype
+from gsparsity.inference import fuse_bn, inference_form
+from gsparsity.masks import Mask, compress_model, compute_mask, load_mask
+from gsparsity.structure import prunable_convs
 
 TARGET_EFFICIENCY = 0.8  # latency speedup / MACs reduction factor, at batch 32 on CPU
 TARGET_BATCH = 32

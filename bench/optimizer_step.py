@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torchvision.models import resnet50
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from _timing import add_memory_flag, command_line, environment_line, interleaved_medians, prepare  # noqa: E402
-from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
+from _timing import add_memory_flag, command_line, environment_line, interleaved_medians, prepare
+from proxsgd import ProxSGD, group_model_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import (  # noqa: E402
+from _timing import (
     add_memory_flag, check_step_args, command_line, environment_line, interleaved_medians, prepare,
 )
-from search_step import synthetic_batch, training_step  # noqa: E402
-from train_throughput import retrain_model, retrain_optimizer  # noqa: E402
-from gsparsity import pruned_resnet  # noqa: E402
+from search_step import synthetic_batch, training_step
+from train_throughput import retrain_model, retrain_optimizer
+from gsparsity import pruned_resnet
 
 
 def torch_index_add(identity: torch.Tensor, channels: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -18,21 +18,19 @@ import argparse
 import copy
 import statistics
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import (  # noqa: E402
+from _timing import (
     add_memory_flag, check_step_args, command_line, environment_line, interleaved_medians, prepare, synchronize,
     timed,
 )
-from gsparsity.engine import autocast, make_scaler  # noqa: E402  (the training scripts' mixed precision)
-from proxsgd import ProxSGD, group_model_parameters  # noqa: E402
+from gsparsity.engine import autocast, make_scaler  # (the training scripts' mixed precision)
+from proxsgd import ProxSGD, group_model_parameters
 
 TARGET_RATIO = 1.05
 

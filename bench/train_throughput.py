@@ -18,22 +18,20 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import (  # noqa: E402
+from _timing import (
     add_memory_flag, check_step_args, command_line, environment_line, interleaved_medians, prepare, timed,
 )
-from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters  # noqa: E402
-from search_step import search_optimizer, synthetic_batch, training_step  # noqa: E402
-from gsparsity.masks import compress_model, compute_mask  # noqa: E402
-from gsparsity.structure import SCOPES  # noqa: E402
+from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters
+from search_step import search_optimizer, synthetic_batch, training_step
+from gsparsity.masks import compress_model, compute_mask
+from gsparsity.structure import SCOPES
 
 RETRAIN_MACS_SHARE = 0.5
 

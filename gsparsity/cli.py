@@ -13,6 +13,7 @@ from typing import Sequence
 from .budget import parse_target
 from .distill import DISTILL_TEMPERATURE, DISTILL_WEIGHT, TEACHER_FROM_SEARCH
 from .errors import UserError
+from .models import TORCHVISION
 from .pruned_resnet import ARCHS
 from .registry import check_model_name
 
@@ -59,9 +60,16 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("-p", "--print-freq", default=10, type=int, metavar="N")
     add("--resume", default=None, metavar="DIR", help="experiment folder to continue")
     add("-e", "--evaluate", action="store_true", help="evaluate on the validation set and stop")
-    add("--pretrained", nargs="?", const="torchvision", default=None, metavar="PATH",
+    # The original's search always starts from ImageNet weights (store_true, default True):
+    # a search from random weights is not GSparsity, so it takes --no-pretrained to ask for one.
+    add("--pretrained", nargs="?", const=TORCHVISION, default=TORCHVISION if kind == "search" else None,
+        metavar="PATH",
         help="start from weights: torchvision's IMAGENET1K_V1 from the local torch cache, "
-             "or PATH to a state_dict or one of our checkpoints")
+             "or PATH to a state_dict or one of our checkpoints"
+             + (" (default: torchvision's)" if kind == "search" else ""))
+    if kind == "search":
+        add("--no-pretrained", dest="pretrained", action="store_const", const=None,
+            help="start the search from random weights instead")
     add("--seed", default=None, type=int, help="makes CPU runs repeatable")
     add("--dist-url", default="env://", help="process-group init method")
     add("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
@@ -86,7 +94,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         help="use only N train and N val images, evenly spaced through each set (quick runs and tests)")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"))
     add("--registry", default=None, metavar="FILE",
-        help="model registry to use (default: list_of_models.py next to the scripts)")
+        help="model registry to use (default: $GSPARSITY_REGISTRY, else list_of_models.py in "
+                 "the working folder)")
     add("--checkpoint-every", default=0, type=int, metavar="N",
         help="also save checkpoint.pth.tar every N training steps, not only at epoch end "
              "(--resume then continues from that exact step); 0: epoch end only")

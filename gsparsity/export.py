@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--registry", metavar="FILE", default=None,
                         help="model registry naming the search behind a retrain of the original, whose "
-                             "checkpoints carry no mask (default: list_of_models.py next to the scripts)")
+                             "checkpoints carry no mask (default: $GSPARSITY_REGISTRY, else list_of_models.py in the working folder)")
     return parser
 
 

@@ -45,7 +45,10 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import UserError
 from .structure import SCOPES
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "list_of_models.py"
+REGISTRY_VARIABLE = "GSPARSITY_REGISTRY"  # names the default registry file, if set
+# The working folder's list_of_models.py, as the original's scripts read theirs: an installed
+# package has no repository folder to find it in.
+DEFAULT_REGISTRY = Path(os.environ.get(REGISTRY_VARIABLE) or "list_of_models.py")
 MODELS_VARIABLE = "MODELS"
 FIELDS = ("experiment_dir", "small_model", "mask", "scope", "arch")  # every entry has these
 SMALL_MODEL_PATTERN = re.compile(r"small_model_(?P<suffix>.+)\.pth\.tar")  # as small_model_file names them

@@ -252,6 +252,9 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         return
     if ctx.is_main and not args.resume:
         write_run_info(folder, args, script, {"scope": scope, "budget": budget})
+    if args.pretrained is None and not args.resume:
+        log.warning("--no-pretrained: the search starts from random weights (GSparsity, as published, "
+                    "starts from pretrained ones)")
     gains = ", 2x in layer2 and layer3" if args.layer_adaptive else ""
     log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
              f"mu {args.weight_decay}{gains}, full model {format_macs_params(full_macs, full_params)}")

@@ -9,6 +9,17 @@ import torch
 from captured_log import CapturedLog
 
 REPO = Path(__file__).resolve().parent.parent
+# Fixtures that train, search, export or install before their test starts: a test that uses one
+# is slow whatever its own body does (pytest -m "not slow" would otherwise build them).
+SLOW_FIXTURES = {"baseline", "search_and_retrain", "distilled", "small_model_files", "small_model_file", "exported",
+                 "tiny_runs", "runs_without_events", "installed", "originals", "copied", "reference",
+                 "compressed_resnet50"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ def run_bench(*argv: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
     out = run_bench("bench/optimizer_step.py", "--repeats", "1", "--warmup", "0", "--threads", "1", "--channels-last")
     assert out.splitlines()[1].endswith("1 CPU threads, freed memory kept")  # as the scripts run on the CPU
@@ -28,6 +29,7 @@ def test_optimizer_step_prints_proxsgd_against_adam_and_sgd():
     assert re.search(rf"ProxSGD/Adam {RATIO}", out) and re.search(rf"ProxSGD/SGD  {RATIO}", out)
 
 
+@pytest.mark.slow
 def test_search_step_prints_the_step_ratio_and_its_verdict():
     out = run_bench("bench/search_step.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--amp", "--channels-last")
@@ -36,6 +38,7 @@ def test_search_step_prints_the_step_ratio_and_its_verdict():
     assert re.search(rf"ProxSGD step / SGD step {RATIO} \(target <= 1.05: (met|NOT MET)\)", out)
 
 
+@pytest.mark.slow
 def test_latency_prints_every_form_asked_for_and_the_target_verdict():
     out = run_bench("bench/latency.py", "--batch-sizes", "32", "--image-size", "32", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--round-to", "8", "--amp", "--floor", "--no-keep-freed-memory")
@@ -51,6 +54,7 @@ def test_latency_prints_every_form_asked_for_and_the_target_verdict():
                           rf"the target asks {RATIO}x", out)) == 2
 
 
+@pytest.mark.slow
 def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_and_channels_last():
     out = run_bench("bench/train_throughput.py", "--dummy", "--batch-size", "2", "--image-size", "32",
                     "--repeats", "1", "--warmup", "0", "--threads", "1", "--amp", "--channels-last",
@@ -59,6 +63,7 @@ def test_train_throughput_prints_img_per_second_of_search_and_retrain_in_bf16_an
     assert re.search(rf"search eager +{RATIO} +{RATIO}", out) and re.search(rf"retrain eager +{RATIO} +{RATIO}", out)
 
 
+@pytest.mark.slow
 def test_residual_add_prints_both_forms_and_their_ratio():
     out = run_bench("bench/residual_add.py", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--channels-last")
@@ -67,6 +72,7 @@ def test_residual_add_prints_both_forms_and_their_ratio():
     assert re.search(rf"torch index_add step / add_at_channels step {RATIO}", out)
 
 
+@pytest.mark.slow
 def test_compress_prints_its_time_against_the_target():
     out = run_bench("bench/compress.py", "--repeats", "1", "--threads", "1", "--no-keep-freed-memory")
     assert "1 CPU threads, malloc's default" in out.splitlines()[1]

@@ -1,5 +1,6 @@
 """Adaptive BatchNorm: a compressed model's statistics re-estimated on fixed training images,
 and the search's epoch-end figures that use it."""
+import pytest
 import torch
 from scripts import TINY, only_folder, run_script
 from torch import nn
@@ -95,6 +96,7 @@ def test_processes_share_the_calibration_images_without_overlap_and_no_batch_hol
         assert 1 not in sizes, sizes
 
 
+@pytest.mark.slow
 def test_every_search_epoch_logs_the_compressed_models_top1_raw_and_recalibrated(baseline, tmp_path):
     run_script("main_search_conv12.py", *TINY, "--epochs", "2", "--pretrained", str(baseline), "--lr", "1",
                "--weight_decay", "3", "--bn-calibration-images", "24", "--path_to_save", str(tmp_path))
@@ -114,6 +116,7 @@ def test_every_search_epoch_logs_the_compressed_models_top1_raw_and_recalibrated
     assert [event.step for event in events.Scalars("val/compressed_top1_recalibrated")] == [0, 1]
 
 
+@pytest.mark.slow
 def test_without_calibration_images_only_the_raw_figure_is_logged(baseline, tmp_path):
     run_script("main_search_conv12.py", *TINY, "--pretrained", str(baseline), "--bn-calibration-images", "0",
                "--path_to_save", str(tmp_path))

@@ -97,6 +97,7 @@ def resnet18():
 # A fresh ResNeXt's gradients at lr 1 dwarf its weights; a small momentum (the weight of
 # the new gradient) keeps its step near the pure proximal one, which prunes the layer1-3 groups.
 @pytest.mark.parametrize("arch, mu, momentum", [("resnet18", 1.5, "0.9"), ("resnext50_32x4d", 3.0, "1e-4")])
+@pytest.mark.slow
 def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(arch, mu, momentum, one_thread):
     # lr 1 moves each filter to its proximal point, so "heading to zero" is "zero now".
     torch.manual_seed(0)
@@ -131,6 +132,7 @@ def test_a_resnext_group_is_projected_to_zero_by_its_norm_in_both_convs():
     assert compute_mask(model)["layer1.0.conv1"][4:8].all()  # not yet under the threshold now
 
 
+@pytest.mark.slow
 def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet18, one_thread):
     args = search_args("--lr", "0.05", "--no-adaptive_lr", "--normalization", "none")
     batches = tiny_batches(4)
@@ -212,6 +214,7 @@ def test_a_looser_budget_keeps_some_zero_filters_and_every_nonzero_one(resnet18)
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal
 
 
+@pytest.mark.slow
 def test_a_search_with_a_target_lands_its_compressed_model_on_the_budget(tmp_path):
     run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--lr", "0.5", "--no-adaptive_lr",
                "--normalization", "none", "--target-macs", "60%", "--budget-steps", "4",
@@ -238,6 +241,7 @@ def test_a_search_with_a_target_lands_its_compressed_model_on_the_budget(tmp_pat
     ("half", "--target-macs takes GMac"),
     ("1e400", "must be a positive number of GMac"),
 ])
+@pytest.mark.slow
 def test_a_target_out_of_reach_is_refused_in_one_line_before_any_folder(target, message, tmp_path):
     result = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--target-macs", target,
                         "--path_to_save", str(tmp_path / "experiments"), expect=2)
@@ -246,6 +250,7 @@ def test_a_target_out_of_reach_is_refused_in_one_line_before_any_folder(target, 
     assert not (tmp_path / "experiments").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_budget_search_goes_on_with_the_chosen_mu_without_probing_again(baseline, tmp_path):
     # From trained weights: the resumed process starts from a fresh model, whose norms differ.
     flags = [*TINY, "--pretrained", str(baseline), "--lr", "0.5", "--no-adaptive_lr", "--normalization", "none",

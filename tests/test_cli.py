@@ -10,21 +10,20 @@ import main_reduce_retrain_conv12
 import main_search_all_conv
 import main_search_conv12
 from gsparsity import search as search_module
-from gsparsity.launch import main
 from gsparsity.models import build_model, load_pretrained
-from scripts import TINY
+from scripts import TINY, main_in_process
 
 SEARCH = ("search", main_search_conv12.workflow)
 SEARCH_ALL_CONV = ("search", main_search_all_conv.workflow)
 RETRAIN = ("retrain", main_reduce_retrain_conv12.workflow)
-ORIGINAL = ("original", main_original.original)
+ORIGINAL = ("original", main_original.workflow)
 
 
 def fails_with(capsys, script, argv, message):
     """Run a script in-process; it must exit 2 with ``message`` on a single stderr line."""
     kind, workflow = script
     with pytest.raises(SystemExit) as exit_info:
-        main(kind, workflow, argv)
+        main_in_process(kind, workflow, argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error, error
@@ -138,6 +137,7 @@ def test_resume_refuses_to_change_the_recipe(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("script", [RETRAIN, ORIGINAL, SEARCH_ALL_CONV], ids=["retrain", "original", "all_conv"])
+@pytest.mark.slow
 def test_resume_with_another_script_is_refused_and_leaves_the_folder_as_it_was(capsys, search_and_retrain, script):
     folder = search_and_retrain[0]  # made by main_search_conv12.py
     before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
@@ -147,6 +147,7 @@ def test_resume_with_another_script_is_refused_and_leaves_the_folder_as_it_was(c
 
 
 @pytest.mark.parametrize("below", ["", "runs"], ids=["the folder itself", "a folder above it"])
+@pytest.mark.slow
 def test_path_to_save_that_is_a_file_is_named_as_such(capsys, tmp_path, below):
     not_a_folder = tmp_path / "experiments"
     not_a_folder.write_text("notes\n")
@@ -163,6 +164,7 @@ def test_retrain_needs_a_baseline_model(capsys):
     fails_with(capsys, RETRAIN, TINY, "--baseline_model NAME")
 
 
+@pytest.mark.slow
 def test_an_existing_experiment_folder_is_never_overwritten(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "timestamp", lambda: "20260101-000000")
     existing = tmp_path / "conv12_lr_0.001_momentum_0.9_wd_0.05_normalization_div_pretrained_False_20260101-000000"

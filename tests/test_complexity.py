@@ -24,6 +24,7 @@ def resnet50() -> nn.Module:
     return torchvision.models.resnet50(weights=None)
 
 
+@pytest.mark.slow
 def test_full_resnet50_at_224_costs_what_the_original_measured(resnet50):
     """4.12 GMac: the original's flops_resnet50_original.txt (ptflops 0.6.6, module hooks).
     ptflops >= 0.7 by default says 4.13, counting ReLU and pooling twice; conv+fc alone, 4.09."""
@@ -43,6 +44,7 @@ def test_every_hooked_module_counts_once_per_call_as_ptflops_module_hooks_do():
     assert macs.conv_fc == conv + fc
 
 
+@pytest.mark.slow
 def test_a_compressed_model_costs_fewer_macs_and_reports_exactly_its_parameters(resnet50):
     mask = {name: torch.arange(row.numel()) % 2 == 0 for name, row in compute_mask(resnet50).items()}
     small = compress_model(resnet50, mask, "conv12")
@@ -121,6 +123,7 @@ def masks_of(arch: str, scope: str) -> dict:
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.slow
 def test_the_macs_of_a_mask_are_what_ptflops_counts_on_the_model_it_builds(arch, scope):
     for kind, mask in masks_of(arch, scope).items():
         built = build_pruned_resnet(arch, mask, scope, num_classes=10)

@@ -89,6 +89,7 @@ def images(size: int = 64) -> torch.Tensor:
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
 @pytest.mark.parametrize("arch", ARCHS)  # every torchvision ResNet: BasicBlock, Bottleneck, wide, ResNeXt
+@pytest.mark.slow
 def test_compressed_model_matches_the_full_model_when_pruned_channels_are_zero(arch, scope):
     full = full_model(arch)
     mask = random_mask(full, scope)
@@ -98,6 +99,7 @@ def test_compressed_model_matches_the_full_model_when_pruned_channels_are_zero(a
 
 
 @pytest.mark.parametrize("scope, pruned_convs", [("conv12", ("conv2",)), ("all_conv", ("conv2", "conv3"))])
+@pytest.mark.slow
 def test_filter_pruning_is_exact_when_pruned_channels_feed_1x1_convs_or_the_residual(scope, pruned_convs):
     full = full_model("resnet50")
     mask = keep_all_but(full, scope, pruned_convs)
@@ -123,6 +125,7 @@ def test_the_compression_check_runs_in_full_fp32_precision_and_restores_the_sett
         torch.backends.cudnn.conv.fp32_precision = before
 
 
+@pytest.mark.slow
 def test_filter_pruning_deviates_at_the_border_when_pruned_channels_feed_3x3_convs():
     full = full_model("resnet50")
     mask = keep_all_but(full, "conv12", ("conv1",))
@@ -133,6 +136,7 @@ def test_filter_pruning_deviates_at_the_border_when_pruned_channels_feed_3x3_con
     assert deviation["max_abs"] == pytest.approx(deviation["relative"] * full(images()).abs().max().item())
 
 
+@pytest.mark.slow
 def test_filter_pruning_without_folding_would_not_be_exact():
     """Guards the folding test above: the BN constants of pruned filters do matter."""
     full = full_model("resnet50")
@@ -239,6 +243,7 @@ def test_the_residual_add_at_kept_channels_passes_gradcheck_and_gradgradcheck(ch
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method|save|load)` is deprecated:FutureWarning")
+@pytest.mark.slow
 def test_a_compressed_all_conv_model_traced_with_gradients_on_can_be_saved():
     """torch.jit.trace records a Python-defined autograd Function as an op it cannot save."""
     full = full_model("resnet18")
@@ -264,6 +269,7 @@ def test_a_compressed_all_conv_model_traced_with_gradients_on_can_be_saved():
     assert all(parameter.grad is not None for parameter in loaded.parameters())
 
 
+@pytest.mark.slow
 def test_a_compiled_all_conv_model_in_channels_last_gets_the_eager_gradients():
     """--compile traces the residual add's autograd Function in one graph (no break)."""
     full = full_model("resnet18")
@@ -358,6 +364,7 @@ def test_all_conv_blocks_are_found_as_residual_blocks_by_the_structure_walk():
     assert all(isinstance(block, PrunedResidualBlock) for _, block in blocks[1:])
 
 
+@pytest.mark.slow
 def test_a_compressed_state_dict_loads_into_a_model_built_from_the_mask_alone():
     full = full_model("resnet50")
     mask = random_mask(full, "all_conv")
@@ -386,6 +393,7 @@ def test_transfer_refuses_a_small_model_built_from_another_mask():
         transfer_model_parameters(full, other, mask, "conv12")
 
 
+@pytest.mark.slow
 def test_a_resnext_loses_whole_groups_of_its_grouped_conv():
     full = full_model("resnext50_32x4d")
     mask = random_mask(full, "conv12")
@@ -399,6 +407,7 @@ def test_a_resnext_loses_whole_groups_of_its_grouped_conv():
     assert isinstance(small.layer1[0], ShortcutOnlyBlock)
 
 
+@pytest.mark.slow
 def test_resnext_filter_pruning_is_exact_even_where_conv1_feeds_the_3x3_conv():
     # A pruned conv1 group feeds only its own conv2 group, which is pruned too, so no
     # constant reaches the border-sensitive 3x3 conv (unlike a plain Bottleneck).
@@ -467,6 +476,7 @@ def with_originals_dropped_block(model: nn.Module, block_name: str) -> nn.Module
     ("resnet18", "conv12", "layer2.0.conv1", "channel"),  # BasicBlock
     ("resnet18", "all_conv", "layer3.1.conv2", "filter"),
 ])
+@pytest.mark.slow
 def test_a_block_whose_conv_keeps_no_filter_loses_its_branch_and_compresses_exactly(arch, scope, emptied, group):
     full = full_model(arch)
     mask = emptied_mask(full, scope, emptied)
@@ -483,6 +493,7 @@ def test_a_block_whose_conv_keeps_no_filter_loses_its_branch_and_compresses_exac
     assert relative_deviation(full, small, images()) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_dropped_branch_fed_through_a_3x3_conv_is_exact_away_from_the_border():
     """group="filter" with conv1 emptied: bn1's constant reaches conv2, whose zero padding
     the folded constant cannot follow; inside the image the block is exact."""
@@ -502,6 +513,7 @@ def test_a_dropped_branch_fed_through_a_3x3_conv_is_exact_away_from_the_border()
     ("resnet50", "conv12", "layer3.0.conv1"), ("resnet50", "all_conv", "layer2.1.conv3"),
     ("resnet18", "conv12", "layer2.0.conv1"), ("resnet18", "all_conv", "layer4.1.conv2"),
 ])
+@pytest.mark.slow
 def test_a_dropped_branch_costs_the_macs_and_parameters_of_the_originals_dropped_block(arch, scope, emptied):
     full = full_model(arch)
     mask = emptied_mask(full, scope, emptied)

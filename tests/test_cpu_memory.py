@@ -17,7 +17,6 @@ glibc_malloc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasat
 # Run in a child process: the setting lasts for the life of the process that makes it.
 PROBE = """
 import argparse, ctypes, ctypes.util, sys, torch
-sys.path.insert(0, {repo!r})
 from gsparsity.cpu_memory import keep_freed_memory
 from gsparsity.distributed import claim_device
 
@@ -49,6 +48,7 @@ def mapped_and_free_bytes(setup: str, **environment: str) -> tuple[int, int]:
 
 
 @glibc_malloc
+@pytest.mark.slow
 def test_a_large_tensor_comes_from_the_heap_and_its_memory_is_kept_once_freed():
     mapped, free = mapped_and_free_bytes("assert keep_freed_memory()")
     assert mapped < 2**20  # not served by mmap
@@ -56,6 +56,7 @@ def test_a_large_tensor_comes_from_the_heap_and_its_memory_is_kept_once_freed():
 
 
 @glibc_malloc
+@pytest.mark.slow
 def test_without_it_malloc_maps_a_large_tensor_and_gives_it_back():
     mapped, free = mapped_and_free_bytes("pass")
     assert mapped >= 64 * 2**20
@@ -63,6 +64,7 @@ def test_without_it_malloc_maps_a_large_tensor_and_gives_it_back():
 
 
 @glibc_malloc
+@pytest.mark.slow
 def test_a_process_that_claims_the_cpu_as_the_scripts_do_keeps_freed_memory():
     mapped, _ = mapped_and_free_bytes('claim_device(argparse.Namespace(gpu=None, seed=None), "cpu", 0)')
     assert mapped < 2**20
@@ -71,6 +73,7 @@ def test_a_process_that_claims_the_cpu_as_the_scripts_do_keeps_freed_memory():
 @glibc_malloc
 @pytest.mark.parametrize("environment", [{"MALLOC_MMAP_MAX_": "65536"},
                                          {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}])
+@pytest.mark.slow
 def test_malloc_set_up_through_the_environment_is_left_as_the_user_set_it(environment):
     mapped, _ = mapped_and_free_bytes("assert not keep_freed_memory()", **environment)
     assert mapped >= 64 * 2**20

@@ -113,6 +113,7 @@ def test_the_teacher_keeps_its_weights_and_statistics_and_stays_out_of_the_optim
     assert trained.isdisjoint(id(parameter) for parameter in teacher.parameters())
 
 
+@pytest.mark.slow
 def test_distilling_with_weight_0_trains_exactly_what_plain_retraining_does_and_with_0_5_something_else(
         search_and_retrain, distilled):
     plain = load_checkpoint(search_and_retrain[1] / "checkpoint.pth.tar")["state_dict"]
@@ -123,6 +124,7 @@ def test_distilling_with_weight_0_trains_exactly_what_plain_retraining_does_and_
     assert not all(torch.equal(value, plain[key]) for key, value in weighted.items())
 
 
+@pytest.mark.slow
 def test_the_teacher_file_is_untouched_and_the_checkpoint_holds_the_student_alone(
         search_and_retrain, distilled, baseline):
     assert sha256(baseline) == distilled["teacher sha256"]

@@ -16,6 +16,7 @@ from gsparsity.masks import load_mask
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
+@pytest.mark.slow
 def test_two_process_search_writes_what_one_process_writes_and_ranks_agree(baseline, tmp_path):
     # lr 1 and a tiny momentum (the weight of the new gradient): each step is nearly the pure
     # proximal one, so which filters reach zero is set by their norms against mu (about half
@@ -59,6 +60,7 @@ def last_validation(folder: Path) -> tuple[float, float]:
     return float(found[-1][0]), float(found[-1][1])
 
 
+@pytest.mark.slow
 def test_two_processes_report_the_same_validation_top1_as_one(baseline):
     flags = [*TINY, "--pretrained", str(baseline), "--evaluate"]
     top1 = lambda output: re.search(r"validation: top1 (\S+) top5 (\S+)", output).groups()
@@ -67,6 +69,7 @@ def test_two_processes_report_the_same_validation_top1_as_one(baseline):
     assert top1(single.stdout) == top1(double.stdout)
 
 
+@pytest.mark.slow
 def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
     # Each process probes on its own batches; were their mu to differ, their weights would
     # diverge under DDP and the mask check at the epoch end would stop the run. Unseeded and
@@ -83,6 +86,7 @@ def test_two_processes_search_on_a_budget_with_the_same_mu(tmp_path):
     assert "Traceback" not in double.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_when_the_register_name_is_taken(tmp_path):
     registry = tmp_path / "list_of_models.py"
     registry.write_text("MODELS = {'run': {'experiment_dir': 'conv12_other', 'small_model': 'small.pth.tar', "

@@ -65,11 +65,13 @@ def host_traffic_of_an_epoch(steps: int, monkeypatch: pytest.MonkeyPatch) -> int
     return traffic.count
 
 
+@pytest.mark.slow
 def test_a_training_step_never_waits_on_the_device(monkeypatch):
     # The epoch's end reads its figures back once; the steps add nothing to that.
     assert host_traffic_of_an_epoch(2, monkeypatch) == host_traffic_of_an_epoch(5, monkeypatch)
 
 
+@pytest.mark.slow
 def test_the_host_traffic_count_sees_a_per_step_read(monkeypatch):
     """The counter itself: an .item() in the step shows up once per step."""
     original = engine.MetricSums.add
@@ -136,6 +138,7 @@ def data_share_of_an_epoch(loader, captured_log) -> tuple[int, engine.EpochMetri
     return int(share.group(1)), metrics
 
 
+@pytest.mark.slow
 def test_the_progress_line_says_what_share_of_the_time_went_to_waiting_for_data(captured_log):
     batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 2])) for _ in range(4)]
     slow_share, slow = data_share_of_an_epoch(SlowLoader(batches, 0.25), captured_log)

@@ -78,6 +78,7 @@ def tiny_runs(search_and_retrain):
     return search_and_retrain
 
 
+@pytest.mark.slow
 def test_load_compressed_model_rebuilds_the_saved_weights_from_the_mask_inside(small_model_file):
     model, info = load_compressed_model(small_model_file)
     saved = load_checkpoint(small_model_file)
@@ -115,6 +116,7 @@ def test_a_file_that_kept_one_channel_for_an_empty_layer_is_refused_saying_why(s
         load_compressed_model(tmp_path / "small_model_conv12_1e-06.pth.tar")
 
 
+@pytest.mark.slow
 def test_onnx_file_matches_pytorch_at_another_batch_size(exported, images):
     import onnxruntime
 
@@ -127,6 +129,7 @@ def test_onnx_file_matches_pytorch_at_another_batch_size(exported, images):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+@pytest.mark.slow
 def test_torchscript_file_matches_pytorch_at_another_batch_size(exported, images):
     model, _ = load_compressed_model(exported.info["path"])
     loaded = torch.jit.load(str(exported.files["torchscript"]))
@@ -140,6 +143,7 @@ def test_export_checks_each_format_at_the_export_batch_and_one_more(exported):
     assert all(deviation.relative <= RELATIVE_TOLERANCE for deviation in exported.deviations)
 
 
+@pytest.mark.slow
 def test_command_writes_the_asked_format_and_prints_the_deviations(small_model_file, tmp_path, capsys):
     main([str(small_model_file), "--format", "torchscript", "--out", str(tmp_path),
           "--image-size", str(IMAGE_SIZE), "--fuse-bn"])
@@ -156,6 +160,7 @@ def batch_norms_in(torchscript_file) -> int:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # TorchScript is what is tested
+@pytest.mark.slow
 def test_fuse_bn_writes_torchscript_without_batchnorm_that_computes_the_same(small_model_file, tmp_path):
     for folder in ("plain", "folded"):
         (tmp_path / folder).mkdir()
@@ -167,6 +172,7 @@ def test_fuse_bn_writes_torchscript_without_batchnorm_that_computes_the_same(sma
     assert all(deviation.relative <= RELATIVE_TOLERANCE for deviation in folded.deviations)
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_forced(small_model_files, tmp_path):
     source = small_model_files["conv12"]
     target = output_paths(tmp_path, source.name.replace(".pth.tar", ""), ["onnx"])["onnx"]
@@ -178,6 +184,7 @@ def test_existing_output_is_kept_unless_forced(small_model_files, tmp_path):
     assert target.read_bytes() != b"someone else's file"
 
 
+@pytest.mark.slow
 def test_an_export_that_deviates_exits_1_and_writes_nothing(small_model_files, tmp_path, monkeypatch, capsys):
     import gsparsity.export as export
 
@@ -222,6 +229,7 @@ def test_bad_input_gets_one_line_and_exit_status_2(bad_input, tmp_path, capsys):
     assert reason in error and error.count("\n") == 1 and "Traceback" not in error
 
 
+@pytest.mark.slow
 def test_load_compressed_model_finds_the_small_model_of_a_real_search_folder(tiny_runs):
     search, _ = tiny_runs
     (small_model_path,) = search.glob("small_model_*_1e-06.pth.tar")  # the search's own threshold
@@ -232,6 +240,7 @@ def test_load_compressed_model_finds_the_small_model_of_a_real_search_folder(tin
         assert torch.equal(model.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_load_compressed_model_reads_a_real_retrain_checkpoint(tiny_runs):
     _, retrain = tiny_runs
     model, info = load_compressed_model(retrain / "checkpoint.pth.tar")
@@ -241,6 +250,7 @@ def test_load_compressed_model_reads_a_real_retrain_checkpoint(tiny_runs):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_a_model_with_broken_weights_is_refused_before_anything_is_written(small_model_files, tmp_path):
     saved = load_checkpoint(small_model_files["conv12"])
     saved["state_dict"]["fc.bias"][0] = float("nan")

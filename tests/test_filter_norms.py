@@ -2,6 +2,7 @@
 what it computed before (BatchNorm makes the branch convs blind to a filter's scale)."""
 import math
 
+import pytest
 import torch
 import torchvision
 
@@ -29,6 +30,7 @@ def shrunk_resnet18(smallest: float = 1e-2) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_every_branch_filter_gets_the_norm_of_a_freshly_initialised_conv():
     model = shrunk_resnet18()
     factors = rescale_branch_filters(model)
@@ -41,6 +43,7 @@ def test_every_branch_filter_gets_the_norm_of_a_freshly_initialised_conv():
     assert max(factors.values()) > 5  # the shrunk filters were scaled up
 
 
+@pytest.mark.slow
 def test_the_initial_norm_is_kaimings_fan_out_std_over_the_fan_in():
     conv = torch.nn.Conv2d(64, 128, 3)
     assert math.isclose(init_filter_norm(conv), math.sqrt(2 / (128 * 9)) * math.sqrt(64 * 9))
@@ -58,6 +61,7 @@ def outputs(model: torch.nn.Module, images: torch.Tensor, train: bool) -> torch.
     return output
 
 
+@pytest.mark.slow
 def test_the_model_computes_exactly_what_it_did_in_eval_mode():
     model = shrunk_resnet18()
     images = torch.randn(8, 3, 32, 32)
@@ -66,6 +70,7 @@ def test_the_model_computes_exactly_what_it_did_in_eval_mode():
     torch.testing.assert_close(outputs(model, images, train=False), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_in_training_mode_it_computes_nearly_what_it_did_where_eps_is_small_beside_the_variances():
     model = shrunk_resnet18(smallest=0.3)
     images = torch.randn(8, 3, 32, 32)

@@ -55,22 +55,26 @@ def compressed_resnet50(request) -> nn.Module:
     return with_random_batchnorm(model)
 
 
+@pytest.mark.slow
 def test_fused_torchvision_resnet_computes_the_eval_mode_output(resnet18, images):
     expected = eval_output(resnet18, images)
     assert relative_deviation(expected, eval_output(fuse_bn(resnet18), images)) < RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_fused_compressed_resnet_computes_the_eval_mode_output(compressed_resnet50, images):
     expected = eval_output(compressed_resnet50, images)
     fused = fuse_bn(compressed_resnet50)
     assert relative_deviation(expected, eval_output(fused, images)) < RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_no_batchnorm_is_left_in_a_fused_resnet(resnet18, compressed_resnet50):
     for model in (resnet18, compressed_resnet50):
         assert not any(isinstance(module, nn.BatchNorm2d) for module in fuse_bn(model).modules())
 
 
+@pytest.mark.slow
 def test_all_conv_blocks_stay_pruned_residual_blocks_when_fused():
     torch.manual_seed(3)
     reference = torchvision.models.resnet50(weights=None)
@@ -80,6 +84,7 @@ def test_all_conv_blocks_stay_pruned_residual_blocks_when_fused():
 
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+@pytest.mark.slow
 def test_a_block_that_lost_its_branch_fuses_its_shortcut_and_keeps_its_residual_bias(scope, images):
     torch.manual_seed(6)
     reference = torchvision.models.resnet50(weights=None)
@@ -93,6 +98,7 @@ def test_a_block_that_lost_its_branch_fuses_its_shortcut_and_keeps_its_residual_
     assert relative_deviation(eval_output(model, images), eval_output(fused, images)) < RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_fusing_leaves_the_original_model_untouched(images):
     torch.manual_seed(4)
     model = with_random_batchnorm(torchvision.models.resnet18(weights=None, num_classes=10)).train()
@@ -103,6 +109,7 @@ def test_fusing_leaves_the_original_model_untouched(images):
     assert all(torch.equal(value, state_before[key]) for key, value in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_the_fused_copy_is_in_eval_mode(resnet18):
     resnet18.train()
     assert not any(module.training for module in fuse_bn(resnet18).modules())
@@ -131,6 +138,7 @@ def test_a_conv_with_a_bias_keeps_it_in_the_fold(images):
     assert relative_deviation(expected, eval_output(fuse_bn(model), images)) < RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_inference_form_is_channels_last_and_needs_no_gradients(resnet18, images):
     model = inference_form(resnet18, channels_last=True)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -140,6 +148,7 @@ def test_inference_form_is_channels_last_and_needs_no_gradients(resnet18, images
     assert relative_deviation(expected, eval_output(model, channels_last_images)) < RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_inference_form_keeps_the_default_layout_when_asked(resnet18):
     model = inference_form(resnet18, channels_last=False)
     assert model.conv1.weight.is_contiguous()

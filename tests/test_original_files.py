@@ -217,6 +217,7 @@ def test_mask_entries_become_our_conv_names_in_forward_order(scope):
 # --- the compressed model ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scope", PRUNED_CONVS)
+@pytest.mark.slow
 def test_the_originals_compressed_model_computes_what_its_full_model_computes(originals, scope):
     folder, full = originals[scope]
     model, info = load_compressed_model(folder)
@@ -239,6 +240,7 @@ def test_the_registry_resolves_the_originals_line_from_the_folders_files(origina
     assert resolve("pretrained_all_conv_mu_0_09", folder.parent / "list_of_models.py").scope == "all_conv"
 
 
+@pytest.mark.slow
 def test_of_the_thresholds_a_finished_search_saved_1e_06_is_taken_as_the_originals_retrain_took_it(copied):
     folder = copied / FOLDER["conv12"]
     for threshold in ("1e-05", "0.0001", "0.001", "0.01", "0.1"):  # its last loop saves these after 1e-06
@@ -263,6 +265,7 @@ def test_distilling_names_the_torchvision_weights_the_originals_search_started_f
         searchs_starting_weights(args)
 
 
+@pytest.mark.slow
 def test_retrain_starts_from_the_originals_conv12_model(originals, tmp_path):
     folder = originals["conv12"][0]
     result = run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "0.01", "--baseline_model", NAME,
@@ -272,6 +275,7 @@ def test_retrain_starts_from_the_originals_conv12_model(originals, tmp_path):
     assert "retraining done" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluating_the_originals_all_conv_model(originals, tmp_path):
     folder = originals["all_conv"][0]
     result = run_script("main_reduce_retrain_all_conv.py", *TINY, "--evaluate",
@@ -280,6 +284,7 @@ def test_evaluating_the_originals_all_conv_model(originals, tmp_path):
     assert "inherited weights, before retraining: top1" in result.stdout
 
 
+@pytest.mark.slow
 def test_retraining_the_originals_model_with_the_other_scripts_scope_is_refused(originals, tmp_path):
     result = run_script("main_reduce_retrain_all_conv.py", *TINY, "--baseline_model", NAME,
                         "--registry", str(originals["conv12"][0].parent / "list_of_models.py"),
@@ -295,6 +300,7 @@ def exported_files(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("scope", PRUNED_CONVS)
+@pytest.mark.slow
 def test_export_writes_an_original_search_folder(copied, capsys, scope):
     folder = copied / FOLDER[scope]
     export_main([str(folder), "--format", "torchscript", "--image-size", str(IMAGE_SIZE)])
@@ -303,6 +309,7 @@ def test_export_writes_an_original_search_folder(copied, capsys, scope):
     assert exported_files(copied) == [folder / f"small_model_{scope}_1e-06.torchscript.pt"]
 
 
+@pytest.mark.slow
 def test_export_finds_the_mask_of_an_original_retrain_through_the_registry(copied, capsys):
     retrain = copied / f"retrain_resnet50_{NAME}_20211105-074034"
     write_retrain_folder(retrain, copied / FOLDER["conv12"], NAME)
@@ -390,6 +397,7 @@ def test_a_malformed_mask_is_refused_in_one_line(copied, capsys, damage, message
     assert message in export_refused(capsys, folder)
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_the_mask_are_refused_in_one_line(copied, capsys):
     folder = copied / FOLDER["conv12"]
     path = folder / "small_model_conv12_1e-06.pth.tar"

@@ -167,6 +167,7 @@ def test_prunable_and_not_prunable_groups_together_match_the_equations():
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.0])
+@pytest.mark.slow
 def test_the_stored_second_moment_is_rescaled_without_leaving_the_equations(beta):
     """r is kept as second_moment * second_moment_scale; at beta 0.5 the scale falls under
     RESCALE_BELOW every 14 steps and is folded back, at beta 0 at every step."""
@@ -180,6 +181,7 @@ def test_the_stored_second_moment_is_rescaled_without_leaving_the_equations(beta
 
 
 @pytest.mark.parametrize("arch", [resnet18, resnext50_32x4d])
+@pytest.mark.slow
 def test_channels_last_weights_take_exactly_the_steps_contiguous_ones_take(arch):
     """--channels-last stores conv weights (and so their gradients and moments) in another
     layout; the filters, their norms and what gets pruned must not change."""
@@ -609,6 +611,7 @@ def test_group_model_parameters_refuses_bad_arguments(kwargs):
         group_model_parameters(Wrapper(resnet18(weights=None)), **kwargs)
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_on_resnet18_keep_params_finite_and_move_them():
     torch.manual_seed(9)
     model = resnet18(weights=None, num_classes=10)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from scripts import REPO
 
@@ -22,6 +23,7 @@ def run_bench(*flags: str) -> subprocess.CompletedProcess:
                           timeout=900, env={"OMP_NUM_THREADS": "2", **os.environ})
 
 
+@pytest.mark.slow
 def test_every_method_meets_the_budget_and_the_table_json_csv_and_png_are_written(tmp_path):
     out = tmp_path / "quality"
     done = run_bench(*TOY, "--out", str(out))
@@ -52,6 +54,7 @@ def test_every_method_meets_the_budget_and_the_table_json_csv_and_png_are_writte
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
 
+@pytest.mark.slow
 def test_a_budget_outside_0_to_100_percent_is_refused_in_one_line(tmp_path):
     done = run_bench("--budgets", "150%", "--out", str(tmp_path / "quality"))
     assert done.returncode == 2 and "150%" in done.stderr.strip().splitlines()[-1]

@@ -352,6 +352,7 @@ def search_refused(registry: Path, tmp_path: Path, *flags: str) -> str:
 
 
 @pytest.mark.parametrize("problem", ["name taken", "no registry file", "registry syntax error"])
+@pytest.mark.slow
 def test_search_whose_name_the_registry_cannot_take_stops_before_loading_data_or_making_a_folder(
         registry, tmp_path, problem):
     if problem == "name taken":
@@ -370,6 +371,7 @@ def test_search_whose_name_the_registry_cannot_take_stops_before_loading_data_or
     assert (registry.read_bytes() if registry.exists() else None) == before
 
 
+@pytest.mark.slow
 def test_resumed_search_whose_name_is_taken_stops_before_touching_its_folder(registry, tmp_path):
     register_run(registry, "run", make_experiment(tmp_path))
     folder = tmp_path / "conv12_search"
@@ -381,6 +383,7 @@ def test_resumed_search_whose_name_is_taken_stops_before_touching_its_folder(reg
     assert os.listdir(folder) == ["run_info.json"]
 
 
+@pytest.mark.slow
 def test_a_search_that_registered_itself_resumes_and_keeps_its_name(registry, tmp_path):
     flags = [*TINY, "--register", "grown", "--registry", str(registry)]
     run_script("main_search_conv12.py", *flags, "--path_to_save", str(tmp_path))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from captured_log import CapturedLog
-from scripts import REPO, only_folder, scratch_folder
+from scripts import REPO, main_in_process, only_folder, random_start_unless_given, scratch_folder
 from torch import nn
 from torchvision import transforms
 
@@ -30,7 +30,6 @@ from gsparsity.data import CheckedImageFolder, build_loaders, start_epoch
 from gsparsity.distributed import DistContext, free_port
 from gsparsity.errors import UserError
 from gsparsity.experiment import setup_logging
-from gsparsity.launch import main
 from gsparsity.registry import register_experiment
 from gsparsity.stopping import EXIT_PREEMPTED, StepGuard
 from gsparsity.training import (BEST, CHECKPOINT, Run, check_weights_finite, fit, load_resume_checkpoint,
@@ -63,7 +62,7 @@ def fails_with(capsys, script, argv, message) -> str:
     """Run a script in-process; it must exit 2 with ``message`` on a single stderr line."""
     kind, workflow = script
     with pytest.raises(SystemExit) as exit_info:
-        main(kind, workflow, argv)
+        main_in_process(kind, workflow, argv)
     error = capsys.readouterr().err
     assert exit_info.value.code == 2, error
     assert message in error, error
@@ -76,7 +75,8 @@ def start_search(*flags: str, log_to: Path, **env_extra: str) -> subprocess.Pope
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), **env_extra}
     output = open(log_to, "ab")
     try:
-        return subprocess.Popen([sys.executable, str(REPO / "main_search_conv12.py"), *flags],
+        return subprocess.Popen([sys.executable, str(REPO / "main_search_conv12.py"),
+                                 *random_start_unless_given(flags)],
                                 cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     finally:
         output.close()  # the child holds its own copy
@@ -157,12 +157,13 @@ def reference(tmp_path_factory) -> Iterator[Path]:
     with scratch_folder(tmp_path_factory, "reference") as save:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("GSPARSITY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-            main(*SEARCH, [*QUICK, "--path_to_save", str(save)])
+            main_in_process(*SEARCH, [*QUICK, "--path_to_save", str(save)])
         yield only_folder(save, "conv12_*")
 
 
 # --- 1. killed at random moments, resumed -----------------------------------------------
 
+@pytest.mark.slow
 def test_a_search_killed_at_random_moments_and_resumed_ends_with_the_weights_of_one_that_never_stopped(
         reference, tmp_path):
     # The kill moments are random: GSPARSITY_TEST_SEED=N replays the draws of a failed run
@@ -206,11 +207,12 @@ def sigterm_at(where: str, monkeypatch) -> None:
     monkeypatch.setattr(engine, "log_progress", then_signal)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_75_and_the_resumed_run_matches(
         reference, tmp_path, capsys, monkeypatch):
     sigterm_at("epoch 0 [2/4]", monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        main(*SEARCH, [*QUICK, "--path_to_save", str(tmp_path)])
+        main_in_process(*SEARCH, [*QUICK, "--path_to_save", str(tmp_path)])
     assert exit_info.value.code == EXIT_PREEMPTED
     assert "stopped by SIGTERM in epoch 0 after step 2" in capsys.readouterr().err
     folder = only_folder(tmp_path, "conv12_*")
@@ -218,10 +220,11 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_75_and_the_resumed_run_m
     assert (saved["epoch"], saved["step"]) == (0, 2)  # no --checkpoint-every: the signal made it
     assert "stopped by SIGTERM" in (folder / "_log.txt").read_text()
     monkeypatch.undo()
-    main(*SEARCH, ["--resume", str(folder)])
+    main_in_process(*SEARCH, ["--resume", str(folder)])
     assert same_weights(folder, reference) == []
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_when_only_one_receives_sigterm(tmp_path):
     processes = start_two_processes(tmp_path)
     assert wait_until(log_has(tmp_path, "epoch 0 [2/"), processes[0])
@@ -243,6 +246,7 @@ def start_two_processes(tmp_path: Path, *flags: str) -> list[subprocess.Popen]:
             for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_when_one_process_is_killed_the_other_stops_within_a_minute_with_one_clear_line(tmp_path):
     processes = start_two_processes(tmp_path)
     assert wait_until(log_has(tmp_path, "epoch 0 [2/"), processes[0])
@@ -371,6 +375,7 @@ def check_weights_in_a_group(rank: int, port: int, results: Path) -> None:
     (results / f"rank{rank}.txt").write_text(verdict)
 
 
+@pytest.mark.slow
 def test_every_process_stops_when_one_has_nonfinite_batchnorm_statistics(tmp_path):
     # BatchNorm statistics are per process under DDP; a process going on alone would wait
     # in its next collective until the timeout.
@@ -431,6 +436,7 @@ def test_an_epoch_started_part_way_yields_exactly_the_rest_of_the_full_epoch():
     assert all(torch.equal(a, b) for a, b in zip(full[2:], rest))
 
 
+@pytest.mark.slow
 def test_augmentation_does_not_depend_on_the_number_of_loader_workers():
     without_workers = epoch_batches(build_loaders(loader_args(), CPU).train, 3)
     with_workers = epoch_batches(build_loaders(loader_args(workers=2), CPU).train, 3)
@@ -440,6 +446,7 @@ def test_augmentation_does_not_depend_on_the_number_of_loader_workers():
 
 # --- 4. bad input -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_unreadable_image_stops_the_run_naming_the_file(capsys, tmp_path):
     images = write_image_folder(tmp_path / "images", broken="broken.png")
     error = fails_with(capsys, SEARCH, ["--data", str(images), *QUICK[2:], "-b", "3",
@@ -479,6 +486,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_model_best_when_the_checkpoint_is_truncated(reference, tmp_path, captured_log):
     folder = copy_of(reference, tmp_path)
     truncate(folder / CHECKPOINT)
@@ -488,6 +496,7 @@ def test_resume_falls_back_to_model_best_when_the_checkpoint_is_truncated(refere
                for line in captured_log.lines)
 
 
+@pytest.mark.slow
 def test_resume_with_both_checkpoints_broken_names_both_and_touches_nothing(capsys, reference, tmp_path):
     folder = copy_of(reference, tmp_path)
     truncate(folder / CHECKPOINT)
@@ -519,6 +528,7 @@ def test_baseline_model_whose_experiment_folder_was_deleted(capsys, reference, r
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_small_model_whose_mask_was_tampered_with_is_refused(capsys, reference, registry, tmp_path):
     folder = registered_copy(reference, tmp_path, registry)
     small_model = only_folder(folder, "small_model_*_1e-06.pth.tar")

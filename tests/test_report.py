@@ -32,6 +32,7 @@ def runs_without_events(tiny_runs, tmp_path_factory):
         yield tuple(parent / folder.name for folder in tiny_runs)
 
 
+@pytest.mark.slow
 def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
     search, _ = tiny_runs
     experiment = read_experiment(search)
@@ -45,6 +46,7 @@ def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
     assert top1[-1] == pytest.approx(load_checkpoint(small_model)["val_top1_full"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_retrain_starts_with_the_inherited_weights_then_one_row_per_epoch(tiny_runs):
     _, retrain = tiny_runs
     experiment = read_experiment(retrain)
@@ -56,6 +58,7 @@ def test_retrain_starts_with_the_inherited_weights_then_one_row_per_epoch(tiny_r
     assert max(row[1] for row in rows[1:]) == pytest.approx(checkpoint["best_acc1"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_kept_filters_per_layer_are_those_of_the_compressed_model(tiny_runs):
     search, _ = tiny_runs
     experiment = read_experiment(search)
@@ -80,6 +83,7 @@ def test_the_layers_of_a_dropped_branch_keep_no_channel_whatever_survived(tmp_pa
     assert widths["layer2.1.conv1"] == (0, 0) and widths["layer2.0.conv1"] == (128, 128)
 
 
+@pytest.mark.slow
 def test_retrain_holds_the_zero_filter_share_and_macs_of_the_search_at_its_end(tiny_runs):
     search, retrain = (read_experiment(folder) for folder in tiny_runs)
     last_epoch = search.epochs[-1]
@@ -102,6 +106,7 @@ def test_the_search_of_a_retrain_is_found(tiny_runs):
     assert comparison.search.folder == search and len(comparison.retrains) == 1
 
 
+@pytest.mark.slow
 def test_the_log_gives_the_series_of_the_events_when_they_are_gone(tiny_runs, runs_without_events):
     for with_events, without in zip(tiny_runs, runs_without_events):
         from_events, from_log = read_experiment(with_events), read_experiment(without)
@@ -112,6 +117,7 @@ def test_the_log_gives_the_series_of_the_events_when_they_are_gone(tiny_runs, ru
                 assert from_log.series[name][epoch] == pytest.approx(value, abs=rounding), (name, epoch)
 
 
+@pytest.mark.slow
 def test_command_prints_the_table_and_draws_one_band_per_search(tiny_runs, tmp_path, capsys):
     search, retrain = tiny_runs
     out = tmp_path / "report.png"
@@ -125,6 +131,7 @@ def test_command_prints_the_table_and_draws_one_band_per_search(tiny_runs, tmp_p
         assert image.size == (round(FIGURE_WIDTH * DPI), round(GROUP_HEIGHT * DPI))
 
 
+@pytest.mark.slow
 def test_two_searches_give_a_figure_twice_as_tall(tiny_runs, runs_without_events, tmp_path):
     out = tmp_path / "two.png"
     main([str(tiny_runs[0]), str(runs_without_events[0]), "--out", str(out)])
@@ -178,6 +185,7 @@ def test_an_existing_file_at_out_is_refused_in_one_line_and_left_as_it_was(tiny_
     assert [path.name for path in tmp_path.iterdir()] == ["fig.png"]  # no temporary file left either
 
 
+@pytest.mark.slow
 def test_force_replaces_an_existing_file_at_out(tiny_runs, tmp_path):
     out = tmp_path / "fig.png"
     out.write_bytes(b"an old figure")
@@ -186,6 +194,7 @@ def test_force_replaces_an_existing_file_at_out(tiny_runs, tmp_path):
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_a_second_report_into_the_default_file_needs_force(tiny_runs, tmp_path, capsys):
     search = tmp_path / tiny_runs[0].name  # a copy of what the report reads, so report.png lands there
     search.mkdir()

@@ -73,6 +73,7 @@ def test_a_threshold_that_is_not_positive_is_refused_before_anything_runs(capsys
     assert "--pruning_threshold must be > 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluating_a_resumed_retrain_reports_its_retrained_weights_under_that_name(search_and_retrain, tmp_path):
     folder = tmp_path / "retrain_copy"  # a copy: the shared fixture's log stays as it was
     shutil.copytree(search_and_retrain[1], folder)
@@ -153,6 +154,7 @@ def test_warmup_of_as_many_epochs_as_the_run_or_negative_is_refused_in_one_line(
                f"--warmup-epochs must be >= 0 and less than --epochs (3), got {value}")
 
 
+@pytest.mark.slow
 def test_a_resumed_retrain_with_warmup_distillation_and_label_smoothing_ends_equal_to_an_uninterrupted_one(
         search_and_retrain, tmp_path, capsys, monkeypatch):
     registry = search_and_retrain[0].parent / "list_of_models.py"

@@ -107,6 +107,7 @@ def test_the_search_refuses_a_round_to_below_one():
         validate_args(args, "search")
 
 
+@pytest.mark.slow
 def test_a_search_with_round_to_saves_a_mask_of_multiples(tmp_path):
     # Random-init filters have norms near 1.41, so this threshold prunes a good share of them.
     run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--path_to_save", str(tmp_path),

@@ -2,6 +2,7 @@
 and, as the original's search does, at each of the original's thresholds."""
 import shutil
 
+import pytest
 from scripts import REPO, TINY, only_folder, run_script
 
 from gsparsity.checkpoint import load_checkpoint
@@ -16,6 +17,7 @@ def kept_filters(small_model_file) -> int:
     return sum(int(row.sum()) for row in mask.values())
 
 
+@pytest.mark.slow
 def test_a_finished_search_saves_every_original_threshold_and_logs_each(search_and_retrain):
     search = search_and_retrain[0]
     kept = []
@@ -30,6 +32,7 @@ def test_a_finished_search_saves_every_original_threshold_and_logs_each(search_a
         assert "GMac" in line and "% of the MACs" in line and "output deviation" in line
 
 
+@pytest.mark.slow
 def test_the_registry_takes_the_searchs_own_threshold_not_the_newest_file(search_and_retrain, registry, tmp_path):
     search = tmp_path / "search"
     shutil.copytree(search_and_retrain[0], search)
@@ -38,6 +41,7 @@ def test_the_registry_takes_the_searchs_own_threshold_not_the_newest_file(search
     assert resolve("copy", registry).small_model.name == "small_model_conv12_1e-06.pth.tar"
 
 
+@pytest.mark.slow
 def test_retrain_takes_any_of_the_saved_thresholds(search_and_retrain, tmp_path):
     registry = tmp_path / "list_of_models.py"
     shutil.copy(REPO / "list_of_models.py", registry)
@@ -48,6 +52,7 @@ def test_retrain_takes_any_of_the_saved_thresholds(search_and_retrain, tmp_path)
     assert "inherited weights, before retraining: top1" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluating_a_finished_search_writes_the_thresholds_it_lacks(search_and_retrain, tmp_path):
     search = tmp_path / "search"
     shutil.copytree(search_and_retrain[0], search)

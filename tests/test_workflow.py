@@ -12,6 +12,7 @@ from gsparsity.checkpoint import load_checkpoint
 from gsparsity.registry import read_registry
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
+@pytest.mark.slow
 def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     # lr 1 makes x = x_prox at once: every filter whose norm is under mu is zero after one step.
     search = run_script(f"main_search_{scope}.py", *TINY, "--pretrained", str(baseline),
@@ -50,6 +51,7 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert sum(value.numel() for value in small["state_dict"].values()) < full_parameters
 
 
+@pytest.mark.slow
 def test_a_retrain_starts_from_the_accuracy_the_search_ended_with_when_compression_is_exact(
         baseline, registry, tmp_path):
     # --group channel zeroes a pruned filter's BN weight and bias with it: its channel is
@@ -81,19 +83,47 @@ def test_a_retrain_starts_from_the_accuracy_the_search_ended_with_when_compressi
     assert loss == pytest.approx(search_loss, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_original_evaluates_pretrained_weights_and_reports_complexity(baseline):
     result = run_script("main_original.py", *TINY, "--pretrained", str(baseline), "--evaluate")
     assert "validation: top1" in result.stdout
     assert "4.09 GMac" in result.stdout and "23.53 M params" in result.stdout  # 10-class fc
 
 
-def test_pretrained_without_cached_weights_stops_at_once_naming_the_file(tmp_path):
-    result = run_script("main_search_conv12.py", *TINY, "--pretrained", "--path_to_save", str(tmp_path),
-                        expect=2, TORCH_HOME=str(tmp_path / "torch"))
+@pytest.mark.parametrize("weights_flag", [[], ["--pretrained"]], ids=["default", "flag"])
+@pytest.mark.slow
+def test_a_search_without_cached_imagenet_weights_stops_at_once_naming_the_file(tmp_path, weights_flag):
+    result = run_script("main_search_conv12.py", *TINY, *weights_flag, "--path_to_save", str(tmp_path),
+                        expect=2, default_weights=True, TORCH_HOME=str(tmp_path / "torch"))
     assert "resnet50-0676ba61.pth" in result.stderr and "--pretrained=PATH" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.glob("conv12_*")) == []  # stopped before any experiment folder
 
 
+@pytest.mark.slow
+def test_a_search_starts_from_torchvision_imagenet_weights_by_default(tmp_path):
+    """As the original's search does; the file is torchvision's, found in the local cache."""
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    imagenet = torchvision.models.resnet18(num_classes=1000)
+    torch.save(imagenet.state_dict(), cache / "resnet18-f37072fd.pth")
+    result = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--path_to_save", str(tmp_path),
+                        default_weights=True, TORCH_HOME=str(tmp_path / "torch"))
+    assert f"loaded pretrained weights from {cache / 'resnet18-f37072fd.pth'}" in result.stdout + result.stderr
+    assert "classes" in result.stdout + result.stderr  # the 1000-class classifier is left fresh, with a warning
+    only_folder(tmp_path, "conv12_*_pretrained_True_*")
+
+
+@pytest.mark.slow
+def test_a_search_from_random_weights_takes_no_pretrained_and_says_so(tmp_path):
+    result = run_script("main_search_conv12.py", *TINY, "-a", "resnet18", "--no-pretrained",
+                        "--path_to_save", str(tmp_path), TORCH_HOME=str(tmp_path / "torch"))
+    assert "--no-pretrained: the search starts from random weights" in result.stdout + result.stderr
+    assert "loaded pretrained weights" not in result.stdout + result.stderr
+    only_folder(tmp_path, "conv12_*_pretrained_False_*")
+
+
+@pytest.mark.slow
 def test_resumed_seeded_search_ends_with_the_same_weights(baseline, tmp_path):
     flags = [*TINY, "--pretrained", str(baseline), "--weight_decay", "2"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -108,6 +138,7 @@ def test_resumed_seeded_search_ends_with_the_same_weights(baseline, tmp_path):
         assert torch.equal(actual["state_dict"][key], value), key
 
 
+@pytest.mark.slow
 def test_search_and_retrain_work_for_another_resnet(registry, tmp_path):
     run_script("main_search_all_conv.py", *TINY, "-a", "resnet18", "--weight_decay", "2",
                "--path_to_save", str(tmp_path), "--register", "tiny_resnet18", "--registry", str(registry))
@@ -119,6 +150,7 @@ def test_search_and_retrain_work_for_another_resnet(registry, tmp_path):
     assert "compressed resnet18 (all_conv)" in retrain.stdout
 
 
+@pytest.mark.slow
 def test_a_resnext_search_on_a_budget_drops_whole_groups_and_retrains(registry, tmp_path):
     run_script("main_search_conv12.py", *TINY, "-a", "resnext50_32x4d", "--target-macs", "70%",
                "--budget-steps", "2", "--budget-probes", "2", "--path_to_save", str(tmp_path),
@@ -138,6 +170,7 @@ def test_a_resnext_search_on_a_budget_drops_whole_groups_and_retrains(registry, 
     assert "compressed resnext50_32x4d (conv12)" in retrain.stdout
 
 
+@pytest.mark.slow
 def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cache(tmp_path):
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -147,6 +180,7 @@ def test_pretrained_without_a_path_uses_torchvisions_weights_from_the_local_cach
     assert "its classifier has 1000 classes, the data 10; the classifier starts fresh" in result.stdout
 
 
+@pytest.mark.slow
 def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_path):
     # 32x32, not 16x16: at 16x16 layer4's convs output 1x1 maps, where torch 2.14's bf16 CPU
     # conv backward now and then returns non-finite weight gradients (seen in 1 run of 8).
@@ -160,6 +194,7 @@ def test_search_runs_on_synthetic_data_with_bf16_autocast_and_channels_last(tmp_
     assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_compiled_run_trains_what_an_eager_one_does_and_resumes_without_compiling(tmp_path):
     start = tmp_path / "start.pth"  # both runs start here, so that each can be measured from it
     with torch.random.fork_rng():
