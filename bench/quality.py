@@ -48,20 +48,21 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from gsparsity.checkpoint import load_checkpoint  # noqa: E402
-from gsparsity.complexity import count_macs_params  # noqa: E402
-from gsparsity.export import load_compressed_model, save_compressed_model  # noqa: E402
-from gsparsity.masks import Mask, compress_model, mask_from_record  # noqa: E402
-from gsparsity.models import build_model  # noqa: E402
-from gsparsity.pruned_resnet import build_pruned_resnet  # noqa: E402
-from gsparsity.registry import register_experiment, saved_small_models, searched_small_model  # noqa: E402
-from gsparsity.report import EPOCH_DONE  # noqa: E402
-from gsparsity.structure import prunable_convs  # noqa: E402
+from gsparsity.checkpoint import load_checkpoint
+from gsparsity.complexity import count_macs_params
+from gsparsity.export import load_compressed_model, save_compressed_model
+from gsparsity.masks import Mask, compress_model, mask_from_record
+from gsparsity.models import build_model
+from gsparsity.pruned_resnet import build_pruned_resnet
+from gsparsity.registry import register_experiment, saved_small_models, searched_small_model
+from gsparsity.report import EPOCH_DONE
+from gsparsity.structure import prunable_convs
 
-METHODS = ("gsparsity", "l1", "random", "scratch", "torch_pruning", "gsparsity_rescaled")
-DEFAULT_METHODS = METHODS[:5]  # gsparsity_rescaled: an ablation of the retrain's --rescale-filters
+METHODS = ("gsparsity", "l1", "random", "scratch", "torch_pruning", "gsparsity_rescaled", "gsparsity_mask")
+# Ablations: gsparsity_rescaled, the retrain's --rescale-filters; gsparsity_mask, its --inherit
+# start (the search's mask on the baseline's weights: its widths without its weights).
+DEFAULT_METHODS = METHODS[:5]
 REFERENCE = "unpruned"  # the unpruned model trained for as many epochs as the pruned ones
 SCOPE = "conv12"
 THRESHOLD = 1e-6  # of the masks this bench writes itself (l1, random, scratch, torch_pruning)
@@ -78,6 +79,7 @@ SETTINGS_OF = {
     "search": _BASELINE + ("search_epochs", "search_flags"),
     "gsparsity": _RETRAIN + ("search_epochs", "search_flags"),
     "gsparsity_rescaled": _RETRAIN + ("search_epochs", "search_flags"),
+    "gsparsity_mask": _RETRAIN + ("search_epochs", "search_flags"),
     "scratch": _RETRAIN + ("search_epochs", "search_flags"),
     "l1": _RETRAIN,
     "random": _RETRAIN,
@@ -336,6 +338,7 @@ class Bench:
         per_seed = args.baseline_epochs + (self.total_epochs() if REFERENCE in args.methods else 0)
         per_budget = {"gsparsity": lambda b: args.search_epochs + b * args.retrain_epochs,
                       "gsparsity_rescaled": lambda b: b * args.retrain_epochs,
+                      "gsparsity_mask": lambda b: b * args.retrain_epochs,
                       "l1": lambda b: b * args.retrain_epochs, "random": lambda b: b * args.retrain_epochs,
                       "scratch": lambda b: b * self.total_epochs() - b * args.baseline_epochs,
                       "torch_pruning": lambda b: args.search_epochs + b * args.retrain_epochs}
@@ -388,6 +391,7 @@ class Bench:
         args = self.args
         return {"gsparsity": args.search_epochs + budget * args.retrain_epochs,
                 "gsparsity_rescaled": budget * args.retrain_epochs,
+                "gsparsity_mask": budget * args.retrain_epochs,
                 "l1": budget * args.retrain_epochs, "random": budget * args.retrain_epochs,
                 "scratch": budget * (args.search_epochs + args.retrain_epochs),
                 "torch_pruning": args.search_epochs + budget * args.retrain_epochs}[method]
@@ -472,6 +476,10 @@ class Bench:
         mask = {name: torch.zeros_like(row).index_fill_(0, torch.argsort(draw(row.float()))[: int(row.sum())], True)
                 for name, row in widths.items()}
         return self.pruned_baseline("random", seed, budget, mask, model, self.args.retrain_epochs)
+
+    def gsparsity_mask(self, seed: int, budget: float) -> tuple[Path, Path]:
+        """The search's mask on the baseline's weights, as l1 and random take theirs (--inherit start)."""
+        return self.gsparsity(seed, budget, "gsparsity_mask", "--inherit", "start")
 
     def scratch(self, seed: int, budget: float) -> tuple[Path, Path]:
         mask, arch, num_classes = searched_mask(self.search_folder(seed, budget))

@@ -210,7 +210,11 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
     at the start of the search (``norms_at_start``, from :func:`start_norms`) they
     still have: the group lasso's own verdict, which raw norms would not give, since
     layers differ in weight scale (and a BatchNorm after each conv makes that scale
-    irrelevant). They are kept from the top; the count is the largest whose compressed
+    irrelevant). With ``--budget-ranking layer`` that share is divided by its layer's
+    median: a shrink the whole layer took (layer-adaptive mu doubles it in layer2 and layer3)
+    says nothing about which of its filters matter, and would otherwise empty whole layers
+    first; a filter that fell behind its own layer is the one to prune.
+    They are kept from the top; the count is the largest whose compressed
     model has at most ``goal_macs`` MACs (MACs only grow with it, so a bisection finds
     it). When the search zeroed more than the budget asks, some zero filters are kept
     (exact); when fewer, the filters that shrank most go too, and the compressed model's
@@ -219,9 +223,11 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
     groups = pruning_groups(model, scope)
     norms = [unit_norms(members) for members in groups]  # per unit: a filter, or a ResNeXt group
     all_norms = torch.cat(norms)
-    at_start = torch.cat([norms_at_start[members[0].name] for members in groups])
-    kept_share = all_norms / at_start.clamp_min(torch.finfo(at_start.dtype).tiny)
-    by_strength = torch.sort(kept_share, descending=True, stable=True).indices
+    kept_shares = [norm / norms_at_start[members[0].name].clamp_min(torch.finfo(norm.dtype).tiny)
+                   for members, norm in zip(groups, norms)]
+    if args.budget_ranking == "layer":
+        kept_shares = [share / share.median().clamp_min(torch.finfo(share.dtype).tiny) for share in kept_shares]
+    by_strength = torch.sort(torch.cat(kept_shares), descending=True, stable=True).indices
     nonzero_first = torch.sort((all_norms > args.pruning_threshold)[by_strength].to(torch.int8),
                                descending=True, stable=True).indices
     order = by_strength[nonzero_first]

@@ -129,6 +129,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         add("--budget-tolerance", default=1.0, type=float, metavar="PCT",
             help="stop probing once a probe is this many percentage points of the full MACs "
                  "from the target")
+        add("--budget-ranking", default="global", choices=("global", "layer"),
+            help="how the budget mask ranks filters: global (the share of its starting norm a filter "
+                 "kept) or layer (that share over its layer's median)")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
         add("--bn-calibration-images", default=256, type=int, metavar="N",
@@ -149,6 +152,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             help="before retraining, scale every branch conv's filters (and its BatchNorm statistics) "
                  "to the norm of a freshly initialised conv: the search's shrinking leaves them tiny, "
                  "which makes SGD's steps on them huge (gsparsity/filter_norms.py)")
+        add("--inherit", default="search", choices=("search", "start"),
+            help="the compressed model's weights: search, those the search ended with (the "
+                 "original's); start, those it started from (its --pretrained), cut to the same mask")
         add("--baseline_model", default=None, metavar="NAME",
             help="name of the compressed model in list_of_models.py")
         add("--pruning_threshold", default=None, type=float, metavar="T",

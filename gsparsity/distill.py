@@ -103,22 +103,23 @@ def teacher_file(args: argparse.Namespace, resumed: dict[str, Any] | None) -> Pa
     return searchs_starting_weights(args)
 
 
-def searchs_starting_weights(args: argparse.Namespace) -> Path:
-    """The file of the --pretrained weights that the search behind --baseline_model started from."""
+def searchs_starting_weights(args: argparse.Namespace, flag: str = "--distill",
+                             ask: str = "name the unpruned model with --distill PATH") -> Path:
+    """The file of the --pretrained weights that the search behind --baseline_model started from
+    (``flag`` and ``ask``: who needs them, and what the user can do instead, for the errors)."""
     entry = resolve(args.baseline_model, registry_file(args.registry))
-    ask = "name the unpruned model with --distill PATH"
     if not (entry.experiment_dir / RUN_INFO).is_file():
-        raise UserError(f"--distill: the search behind {args.baseline_model} left no {RUN_INFO} in "
+        raise UserError(f"{flag}: the search behind {args.baseline_model} left no {RUN_INFO} in "
                         f"{entry.experiment_dir}, so its starting weights are unknown; {ask}")
     pretrained = read_run_info(entry.experiment_dir)["args"].get("pretrained")
     if isinstance(pretrained, bool):  # a search of the original: True was torchvision's weights
         pretrained = TORCHVISION if pretrained else None
     if pretrained is None:
-        raise UserError(f"--distill: the search behind {args.baseline_model} started without "
-                        f"--pretrained weights, so there is no unpruned model to learn from; {ask}")
+        raise UserError(f"{flag}: the search behind {args.baseline_model} started without "
+                        f"--pretrained weights, so there is no unpruned model to start from; {ask}")
     path = torchvision_cache_file(entry.arch) if pretrained == TORCHVISION else Path(pretrained)
     if not path.is_file():
-        raise UserError(f"--distill: the search behind {args.baseline_model} started from "
+        raise UserError(f"{flag}: the search behind {args.baseline_model} started from "
                         f"--pretrained {pretrained}, but {path} is not there; {ask}")
     return path.resolve()
 

@@ -12,10 +12,12 @@ from torch import nn
 
 from .complexity import count_macs_params, format_macs_params
 from .data import build_loaders
-from .distill import DistillationLoss, distill_record, load_teacher, teacher_file
+from .distill import DistillationLoss, distill_record, load_teacher, searchs_starting_weights, teacher_file
 from .distributed import DistContext
 from .errors import UserError
 from .filter_norms import rescale_branch_filters
+from .masks import compress_model, mask_from_record
+from .models import build_model, load_pretrained
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
 from .export import load_compressed_model
 from .registry import registry_file, resolve, saved_small_models, small_model_file
@@ -33,6 +35,16 @@ def load_small_model(path: Path, scope: str, num_classes: int) -> tuple[nn.Modul
     if info["num_classes"] != num_classes:
         raise UserError(f"{path} classifies {info['num_classes']} classes but the data has {num_classes}")
     return model.train(), info["mask"]
+
+
+def cut_to_mask(weights: Path, mask_record: dict, scope: str, num_classes: int) -> nn.Module:
+    """The full model with ``weights``, compressed to the mask of ``mask_record``: the filters the
+    search kept, with the values they had before it shrank them."""
+    arch = mask_record["arch"]
+    full = build_model(arch, num_classes)
+    load_pretrained(full, str(weights), arch)
+    mask = mask_from_record(mask_record, arch=arch, scope=scope, source=str(weights))
+    return compress_model(full.eval(), mask, scope, arch=arch).train()
 
 
 def small_model_path(args: argparse.Namespace, scope: str) -> Path:
@@ -70,9 +82,14 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     resumed = read_run_info(args.resume, script) if args.resume else None
     source = Path(resumed["small_model"]) if resumed else small_model_path(args, scope)
     teacher_path = None if args.evaluate else teacher_file(args, resumed)
+    starting_weights = (searchs_starting_weights(args, "--inherit start", "retrain the search's own weights")
+                        if args.inherit == "start" and not args.resume else None)
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
     args.arch = mask_record["arch"]  # the searched model's, whatever -a says
+    if starting_weights is not None:
+        model = cut_to_mask(starting_weights, mask_record, scope, loaders.num_classes)
+        log.info(f"--inherit start: the search's mask on the weights it started from, {starting_weights}")
     if args.rescale_filters and not args.resume:  # a resumed run's checkpoint has rescaled weights
         factors = rescale_branch_filters(model)
         log.info(f"--rescale-filters: branch filters scaled to a fresh conv's norm, by a median factor of "

@@ -203,6 +203,24 @@ def test_a_tighter_budget_also_prunes_the_filters_that_shrank_most_whatever_thei
     assert mask_macs("resnet18", grown, "conv12", 10) > goal
 
 
+def test_layer_ranking_prunes_the_filters_that_fell_behind_their_own_layer_not_the_layer_shrunk_most(resnet18):
+    """--budget-ranking layer: a filter's kept share over its layer's median. A layer-wide shrink
+    (a doubled mu, say) says nothing about which filters matter; falling behind one's layer does."""
+    at_start = start_norms(resnet18, "conv12")
+    model = shrunk(resnet18, {"layer2.0.conv1": (list(range(128)), 0.05)})  # the whole layer, evenly
+    model = shrunk(model, {"layer2.0.conv1": (list(range(10)), 0.4),  # 2%: behind their layer
+                           "layer1.0.conv1": (list(range(16)), 0.5)})  # 50%: behind theirs
+    laggards = {name: row.clone() for name, row in compute_mask(model).items()}
+    laggards["layer2.0.conv1"][:10] = False
+    laggards["layer1.0.conv1"][:16] = False
+    goal = mask_macs("resnet18", laggards, "conv12", 10)
+    by_layer = budget_mask(model, goal, search_args("--budget-ranking", "layer"), "conv12", 10, at_start)
+    assert all(torch.equal(by_layer[name], row) for name, row in laggards.items())
+    # The global share ranks the evenly shrunk layer below every laggard of layer1 instead.
+    by_share = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
+    assert int(by_share["layer2.0.conv1"].sum()) < 128 - 10 and by_share["layer1.0.conv1"].all()
+
+
 def test_a_looser_budget_keeps_some_zero_filters_and_every_nonzero_one(resnet18):
     at_start = start_norms(resnet18, "conv12")
     model = planted(resnet18, {"layer2.0.conv1": list(range(128)), "layer3.1.conv1": list(range(256))})

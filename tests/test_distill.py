@@ -157,7 +157,7 @@ def fake_search(registry: Path, folder: Path, pretrained: str | None) -> None:
 
 @pytest.mark.parametrize("pretrained, distill, message", [
     (None, [], "the search behind run started without --pretrained weights, so there is no unpruned "
-               "model to learn from; name the unpruned model with --distill PATH"),
+               "model to start from; name the unpruned model with --distill PATH"),
     ("gone.pth.tar", [], "started from --pretrained gone.pth.tar, but gone.pth.tar is not there; "
                          "name the unpruned model with --distill PATH"),
     (None, ["missing.pth"], "--distill missing.pth: no such file"),

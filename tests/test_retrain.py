@@ -18,8 +18,8 @@ from gsparsity.distributed import DistContext
 from gsparsity.engine import train_one_epoch, validate
 from gsparsity.errors import UserError
 from gsparsity.experiment import setup_logging
-from gsparsity.registry import register
-from gsparsity.retrain import small_model_path
+from gsparsity.registry import register, saved_small_models, searched_small_model
+from gsparsity.retrain import cut_to_mask, small_model_path
 from gsparsity.stopping import EXIT_PREEMPTED
 from gsparsity.training import make_scheduler, start_run
 
@@ -80,6 +80,23 @@ def test_evaluating_a_resumed_retrain_reports_its_retrained_weights_under_that_n
     result = run_script("main_reduce_retrain_conv12.py", "--resume", str(folder), "--evaluate")
     assert "retrained weights, after 1 epoch(s): top1" in result.stdout
     assert "inherited weights" not in result.stdout
+
+
+def test_inherit_start_cuts_the_weights_the_search_started_from_to_its_mask(search_and_retrain, baseline, tmp_path):
+    """--inherit start: the search chose the widths; the filters keep their values from before it shrank them."""
+    search, _ = search_and_retrain
+    registry = search.parent / "list_of_models.py"
+    result = run_script("main_reduce_retrain_conv12.py", *TINY, "--lr", "1e-12", "--baseline_model", "tiny",
+                        "--registry", str(registry), "--inherit", "start", "--path_to_save", str(tmp_path))
+    assert f"--inherit start: the search's mask on the weights it started from, {baseline}" in result.stdout
+    retrained = load_checkpoint(only_folder(tmp_path, "retrain_*") / "checkpoint.pth.tar")
+    expected = cut_to_mask(baseline, retrained["mask"], "conv12", 10).state_dict()
+    searched = load_checkpoint(searched_small_model(search, saved_small_models(search)))["state_dict"]
+    convs = [key for key in expected if "conv" in key and key.endswith("weight")]
+    assert convs and all(retrained["state_dict"][key].shape == searched[key].shape for key in convs)
+    for key in convs:  # an lr of 1e-12 moved them by nothing a float32 can see
+        torch.testing.assert_close(retrained["state_dict"][key], expected[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(expected[key], searched[key]) for key in convs)  # not the search's weights
 
 
 # --- --label-smoothing, --warmup-epochs -----------------------------------------------------
