@@ -109,23 +109,43 @@ def setup_logging(folder: Path | None, ctx: DistContext) -> None:
         log.addHandler(to_file)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class Scalars:
-    """TensorBoard scalars on rank 0; does nothing elsewhere."""
+    """An epoch's figures, on rank 0 (nothing elsewhere): TensorBoard scalars as they come, and one
+    line of ``metrics.jsonl`` per epoch, ``{"epoch": N, tag: value, ...}``, when the epoch ends
+    (a resumed run appends; a reader keeps the last record of an epoch)."""
 
     def __init__(self, folder: Path | None, ctx: DistContext) -> None:
         self.writer = None
+        self.metrics_file = None
+        self.pending: dict[int, dict[str, float]] = {}
         if ctx.is_main and folder is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(folder))
+            self.metrics_file = folder / METRICS_FILE
 
     def add(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+            self.pending.setdefault(step, {})[tag] = float(value)
 
     def add_group(self, tag: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalars(tag, values, step)
+            self.pending.setdefault(step, {}).update({f"{tag}/{key}": float(value) for key, value in values.items()})
+
+    def write_epoch(self, epoch: int) -> None:
+        """Append the epoch's record (with anything added at earlier steps and not yet written)."""
+        if self.metrics_file is None:
+            return
+        record = {"epoch": epoch}
+        for step in sorted(step for step in self.pending if step <= epoch):
+            record.update(self.pending.pop(step))
+        with open(self.metrics_file, "a") as file:
+            file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

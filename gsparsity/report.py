@@ -32,7 +32,7 @@ from typing import Sequence
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
-from .experiment import LOG_FILE, RUN_INFO
+from .experiment import LOG_FILE, METRICS_FILE, RUN_INFO
 from .export import compressed_model_file
 from .masks import dropped_blocks, mask_from_record, reference_model
 from .structure import prunable_convs
@@ -44,7 +44,7 @@ EVENT_TAGS = {  # TensorBoard tag -> series name, per kind of experiment
              "complexity/compressed_gmacs": GMACS},
     RETRAIN: {"val/top1": TOP1, "val/top5": TOP5, "complexity/gmacs": GMACS},
 }
-EVENTS, LOG = "TensorBoard events", LOG_FILE  # where the series were read
+METRICS, EVENTS, LOG = METRICS_FILE, "TensorBoard events", LOG_FILE  # where the series were read, first first
 MAC_UNITS = {"Mac": 1e-9, "KMac": 1e-6, "MMac": 1e-3, "GMac": 1.0}  # -> GMac
 FIGURE_WIDTH, GROUP_HEIGHT, DPI = 15.0, 8.0, 100  # inches per figure / per search shown, dots per inch
 EXIT_USER_ERROR = 2
@@ -136,9 +136,10 @@ def read_experiment(folder: str | os.PathLike) -> Experiment:
     flags = info.get("args") if isinstance(info.get("args"), dict) else {}
     arch = arch or flags.get("arch", "?")
     scope = scope or info.get("scope", "?")
-    events = read_event_series(folder, EVENT_TAGS[kind])
+    metrics = read_metrics_series(folder, EVENT_TAGS[kind])
+    events = read_event_series(folder, EVENT_TAGS[kind]) if not metrics else {}
     logged, inherited = read_log_series(folder, kind)
-    series, source = merge_series(events, logged)
+    series, source = merge_series({METRICS: metrics, EVENTS: events, LOG: logged})
     if kind == RETRAIN:
         _hold_for_every_epoch(series, layers)
     small_model = Path(info["small_model"]) if kind == RETRAIN else None
@@ -165,6 +166,27 @@ def read_layer_widths(folder: Path) -> tuple[str | None, str | None, list[LayerW
         kept = 0 if prunable.block_name in dropped else surviving
         widths.append(LayerWidth(prunable.name, prunable.stage, mask[prunable.name].numel(), surviving, kept))
     return arch, scope, widths
+
+
+def read_metrics_series(folder: Path, tags: dict[str, str]) -> Series:
+    """{series name: {epoch: value}} for the ``tags`` in the folder's ``metrics.jsonl`` (runs made
+    before it existed have none: the events and the log are read instead). A resumed run may
+    have written an epoch twice; its last record holds."""
+    path = folder / METRICS_FILE
+    series: Series = {}
+    if not path.is_file():
+        return series
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            continue
+        for tag, name in tags.items():
+            if isinstance(record.get(tag), (int, float)):
+                series.setdefault(name, {})[record["epoch"]] = float(record[tag])
+    return series
 
 
 def read_event_series(folder: Path, tags: dict[str, str]) -> Series:
@@ -212,17 +234,17 @@ def read_log_series(folder: Path, kind: str) -> tuple[Series, dict[str, float]]:
     return {name: values for name, values in series.items() if values}, inherited
 
 
-def merge_series(events: Series, logged: Series) -> tuple[Series, str]:
-    """Each series from the events where they have it, else from the log; and the source(s)."""
+def merge_series(by_source: dict[str, Series]) -> tuple[Series, str]:
+    """Each series from the first source (in ``by_source``'s order) that has it; and the source(s)."""
     merged: Series = {}
-    sources = set()
+    used = []
     for name in (TOP1, TOP5, ZERO_SHARE, GMACS):
-        for source, series in ((EVENTS, events), (LOG, logged)):
+        for source, series in by_source.items():
             if series.get(name):
                 merged[name] = dict(sorted(series[name].items()))
-                sources.add(source)
+                used.append(source)
                 break
-    return merged, " + ".join(source for source in (EVENTS, LOG) if source in sources) or "nothing yet"
+    return merged, " + ".join(source for source in by_source if source in used) or "nothing yet"
 
 
 def _hold_for_every_epoch(series: Series, layers: list[LayerWidth]) -> None:

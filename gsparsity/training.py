@@ -297,6 +297,7 @@ def run_epoch(run: Run, epoch: int, guard: StepGuard, on_epoch_end: EpochHook | 
     report_epoch(run, epoch, train, val, lr)
     if on_epoch_end is not None:
         on_epoch_end(epoch, val)
+    run.scalars.write_epoch(epoch)
     save_checkpoint(run, epoch + 1, 0, is_best)
     signal_name = guard.agreed_signal()  # received during validation or the epoch's end
     if signal_name is not None and epoch + 1 < run.args.epochs:
@@ -313,7 +314,9 @@ def report_epoch(run: Run, epoch: int, train: EpochMetrics, val: EpochMetrics, l
                  f"gradients (lowering its scale)")
     for tag, value in (("train/loss", train.loss), ("train/top1", train.top1),
                        ("val/loss", val.loss), ("val/top1", val.top1), ("val/top5", val.top5),
-                       ("lr", lr), ("train/images_per_second", train.images_per_second)):
+                       ("val/best_top1", run.best_acc1), ("lr", lr),
+                       ("train/images_per_second", train.images_per_second),
+                       ("train/data_wait_share", train.data_seconds / max(train.seconds, 1e-9))):
         run.scalars.add(tag, value, epoch)
 
 

@@ -1,5 +1,6 @@
 """Report: a real tiny search and its retrain, read back from TensorBoard events or from
 _log.txt, tabulated and drawn; folders that are not searches or retrains are refused."""
+import json
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from gsparsity.errors import UserError
 from gsparsity.masks import mask_to_record
 from gsparsity.pruned_resnet import build_pruned_resnet
 from gsparsity.report import (
-    DPI, EVENTS, FIGURE_WIDTH, GMACS, GROUP_HEIGHT, LOG, TOP1, TOP5, ZERO_SHARE, compare, main,
+    DPI, EVENTS, FIGURE_WIDTH, GMACS, GROUP_HEIGHT, LOG, METRICS, TOP1, TOP5, ZERO_SHARE, compare, main,
     read_experiment, read_layer_widths, table_rows, write_report,
 )
 
@@ -24,8 +25,9 @@ def tiny_runs(search_and_retrain):
 
 @pytest.fixture(scope="module")
 def runs_without_events(tiny_runs, tmp_path_factory):
-    """Copies of both folders holding no TensorBoard files: only _log.txt is left to read."""
-    tensorboard_files = shutil.ignore_patterns("events.out.tfevents.*", "*_per_stage_*")  # add_scalars folders
+    """Copies of both folders holding no TensorBoard files nor metrics.jsonl: only _log.txt is left to read."""
+    tensorboard_files = shutil.ignore_patterns("events.out.tfevents.*", "*_per_stage_*",  # add_scalars folders
+                                               "metrics.jsonl")
     with scratch_folder(tmp_path_factory, "without_events") as parent:
         for folder in tiny_runs:
             shutil.copytree(folder, parent / folder.name, ignore=tensorboard_files)
@@ -39,7 +41,7 @@ def test_search_has_one_row_per_epoch_with_the_checkpointed_top1(tiny_runs):
     checkpoint = load_checkpoint(search / "checkpoint.pth.tar")
     (small_model,) = search.glob("small_model_*_1e-06.pth.tar")  # the search's own threshold
     rows = table_rows(experiment)
-    assert experiment.source == EVENTS
+    assert experiment.source == METRICS
     assert len(rows) == checkpoint["epoch"] == SEARCH_EPOCHS
     top1 = [row[1] for row in rows]
     assert max(top1) == pytest.approx(checkpoint["best_acc1"], abs=1e-4)
@@ -104,6 +106,23 @@ def test_the_search_of_a_retrain_is_found(tiny_runs):
     search, retrain = tiny_runs
     (comparison,) = compare([retrain])
     assert comparison.search.folder == search and len(comparison.retrains) == 1
+
+
+@pytest.mark.slow
+def test_every_epoch_writes_one_metrics_record_with_the_figures_of_the_events(tiny_runs, tmp_path):
+    for folder in tiny_runs:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [record["epoch"] for record in records] == list(range(len(records))) and records
+        assert {"train/loss", "val/top1", "val/top5", "val/best_top1", "lr"} <= set(records[-1])
+        copy = tmp_path / folder.name  # the same run without metrics.jsonl reads its events
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("metrics.jsonl"))
+        from_metrics, from_events = read_experiment(folder), read_experiment(copy)
+        assert from_metrics.source == METRICS and from_events.source == EVENTS
+        assert from_metrics.series.keys() == from_events.series.keys()
+        for name, values in from_events.series.items():  # events hold float32
+            assert from_metrics.series[name] == pytest.approx(values, rel=1e-6), name
+    search_records = [json.loads(line) for line in (tiny_runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert {"val/compressed_top1", "sparsity/zero_filter_share", "complexity/compressed_gmacs"} <= set(search_records[-1])
 
 
 @pytest.mark.slow
