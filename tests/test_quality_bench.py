@@ -56,8 +56,9 @@ def test_every_method_meets_the_budget_and_the_table_json_csv_and_png_are_writte
     # The ablations retrain the same search: its weights rescaled, or its mask on the baseline's weights.
     ablations = run_bench(*TOY, "--methods", "gsparsity_rescaled", "gsparsity_mask", "--out", str(out))
     assert ablations.returncode == 0, ablations.stdout[-3000:] + ablations.stderr[-3000:]
-    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["summary"]}
-    assert rows["gsparsity_mask"]["gmacs"] == rows["gsparsity_rescaled"]["gmacs"] == rows["gsparsity"]["gmacs"]
+    ablated = {row["method"]: row for row in json.loads((out / "results.json").read_text())["summary"]}
+    assert set(ablated) == {"gsparsity_rescaled", "gsparsity_mask"}  # the table of this run's methods
+    assert ablated["gsparsity_mask"]["gmacs"] == ablated["gsparsity_rescaled"]["gmacs"] == rows["gsparsity"]["gmacs"]
     logs = {folder.name.split("_p50_")[0]: (folder / "_log.txt").read_text() for folder in (out / "runs").iterdir()
             if folder.name.startswith("retrain_resnet50_q_gsparsity")}
     assert "--inherit start: the search's mask on the weights it started from" in logs["retrain_resnet50_q_gsparsity_mask"]
