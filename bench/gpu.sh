@@ -5,6 +5,8 @@
 #   bash bench/gpu.sh train     # optimizer step, search step, training img/s, the all_conv
 #                               # residual add, a real search run
 #   bash bench/gpu.sh latency   # eval latency, full vs compressed, fp32 / channels_last / amp / compiled
+#   bash bench/gpu.sh check     # the GPU tests, then the headline figures at smaller repeats:
+#                               # fits a 15-minute lease (about 5 minutes on one H100)
 #
 # Output goes to the terminal and to $RESULTS/gpu-<part>.txt (default RESULTS:
 # bench-results/). The python is $PYTHON, else python3; it needs this repository's
@@ -12,8 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
-if [ "$part" != train ] && [ "$part" != latency ]; then
-    echo "usage: bash bench/gpu.sh train|latency" >&2
+if [ "$part" != train ] && [ "$part" != latency ] && [ "$part" != check ]; then
+    echo "usage: bash bench/gpu.sh train|latency|check" >&2
     exit 2
 fi
 results=${RESULTS:-bench-results}
@@ -26,7 +28,7 @@ step() {  # step TITLE COMMAND...: run one bench, its output in the log; go on i
     echo "== $1" | tee -a "$log"
     shift
     echo "\$ $*" | tee -a "$log"
-    "$@" 2>&1 | tee -a "$log"
+    timeout "${STEP_TIMEOUT:-600}" "$@" 2>&1 | tee -a "$log"
     echo "(exit status ${PIPESTATUS[0]})" | tee -a "$log"
 }
 
@@ -57,6 +59,25 @@ train)
         --device cuda --gpu 0 --amp --channels-last -b 256 -j 12 --epochs 2 --print-freq 20 \
         --no-pretrained --path_to_save "$runs"
     rm -rf "$runs"
+    ;;
+check)
+    export STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+    step "device" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    step "torch" "$python" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+    step "GPU tests" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+    step "training img/s, amp + channels_last and fp32" "$python" bench/train_throughput.py --dummy \
+        --device cuda --amp --channels-last --batch-size 256 --image-size 224 --repeats 10
+    step "training img/s, fp32" "$python" bench/train_throughput.py --dummy --device cuda \
+        --batch-size 256 --image-size 224 --repeats 10
+    step "optimizer step, channels_last" "$python" bench/optimizer_step.py --device cuda --repeats 20 --channels-last
+    runs=$(mktemp -d)
+    step "main_search_conv12.py on FakeData, amp + channels_last, one epoch" "$python" main_search_conv12.py \
+        --dummy --device cuda --gpu 0 --amp --channels-last -b 256 -j 12 --epochs 1 --print-freq 10 \
+        --no-pretrained --path_to_save "$runs"
+    rm -rf "$runs"
+    step "latency, batch 256" "$python" bench/latency.py --device cuda --batch-sizes 256 --round-to 8 --amp \
+        --repeats 10 --warmup 3
+    step "fast tests with a GPU visible" "$python" -m pytest -q -p no:cacheprovider -x -m "not slow"
     ;;
 latency)
     step "latency, eager forms" "$python" bench/latency.py --device cuda --batch-sizes 1 32 256 \
