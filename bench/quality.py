@@ -21,6 +21,10 @@ the same command (``main_reduce_retrain_conv12.py``, ``--retrain-epochs``, ``--r
   baseline on the same convs for ``--search-epochs``, then its global group-norm pruning to the
   budget, and the same retrain (needs ``pip install torch-pruning``).
 
+With ``--distill`` every retrain (and ``scratch``'s training) distils from the seed's
+baseline (the retrain's ``--distill PATH``); ``--retrain-flags "--label-smoothing 0.1"``
+measures label smoothing the same way.
+
 The figure of a run is the top-1 of its LAST epoch (not the best one: no selection on the
 validation set). Every finished run is one line with an estimate of the time left, and one
 record in ``runs.jsonl``; ``results.json``, ``results.csv`` and ``quality.png`` (top-1 against
@@ -72,7 +76,7 @@ TRAIN_FLAGS = "--lr 0.02 --lr-scheduler cosine"
 # The settings each kind of run depends on (its key in runs.jsonl).
 _DATA = ("data", "arch", "image_size", "batch_size", "subset")
 _BASELINE = _DATA + ("baseline_epochs", "baseline_flags")
-_RETRAIN = _BASELINE + ("retrain_epochs", "retrain_flags")
+_RETRAIN = _BASELINE + ("retrain_epochs", "retrain_flags", "distill")
 SETTINGS_OF = {
     "baseline": _BASELINE,
     "unpruned": _BASELINE + ("search_epochs", "retrain_epochs"),
@@ -148,12 +152,16 @@ class Runner:
                  "--target-macs", f"{100 * budget:g}%", *shlex.split(self.args.search_flags)]
         return self.script(f"main_search_{SCOPE}.py", flags, run_id)
 
-    def retrain(self, seed: int, folder: Path, epochs: int, run_id: str, *extra: str) -> Path:
-        """Register the search-like ``folder`` and retrain its compressed model."""
+    def retrain(self, seed: int, folder: Path, epochs: int, run_id: str, *extra: str,
+                teacher: Path | None = None) -> Path:
+        """Register the search-like ``folder`` and retrain its compressed model (with ``teacher``,
+        distilling from it)."""
         name = "q_" + run_id.replace("-", "_")
         register_experiment(name, folder, self.registry, overwrite=True)
         flags = [*self.common(seed), "--epochs", str(epochs), "--baseline_model", name,
                  "--registry", str(self.registry), *shlex.split(self.args.retrain_flags), *extra]
+        if teacher is not None:
+            flags += ["--distill", str(teacher)]
         return self.script(f"main_reduce_retrain_{SCOPE}.py", flags, run_id)
 
 
@@ -354,6 +362,8 @@ class Bench:
         """Names a run by the settings it depends on, so changing --search-flags, say, leaves the
         baselines, l1 and random runs in runs.jsonl valid."""
         settings = {name: getattr(self.args, name) for name in SETTINGS_OF[method]}
+        if not settings.get("distill", True):
+            del settings["distill"]  # so that runs recorded before the flag existed keep their keys
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{method}-{budget}-{seed}-{digest}"
 
@@ -386,6 +396,11 @@ class Bench:
         self.units_done += units or self.method_units(method, budget)
         self.progress(record)
         return record
+
+    def made_as_asked(self, record: Record) -> bool:
+        """Whether a run from another bench's runs.jsonl had this bench's settings (it is left
+        out of the table otherwise: the same method with other --retrain-flags, say)."""
+        return not record.key or record.key == self.key(record.method, record.budget, record.seed)
 
     def method_units(self, method: str, budget: float) -> float:
         args = self.args
@@ -424,6 +439,10 @@ class Bench:
             self.units_done += self.args.baseline_epochs
         return self.baselines[seed]
 
+    def teacher(self, seed: int) -> Path | None:
+        """With --distill, the baseline every pruned model of ``seed`` starts from teaches its retrain."""
+        return self.baseline(seed) if self.args.distill else None
+
     def run_id(self, method: str, budget: float | None, seed: int) -> str:
         share = f"{100 * budget:g}" if budget is not None else "100"
         return f"{method}-p{share}-s{seed}-{self.key(method, budget, seed)[-10:]}"
@@ -444,7 +463,8 @@ class Bench:
 
     def gsparsity(self, seed: int, budget: float, method: str = "gsparsity", *extra: str) -> tuple[Path, Path]:
         search = self.search_folder(seed, budget)
-        folder = self.runner.retrain(seed, search, self.args.retrain_epochs, self.run_id(method, budget, seed), *extra)
+        folder = self.runner.retrain(seed, search, self.args.retrain_epochs, self.run_id(method, budget, seed), *extra,
+                                     teacher=self.teacher(seed))
         return folder, searched_small_model(search, saved_small_models(search))
 
     def gsparsity_rescaled(self, seed: int, budget: float) -> tuple[Path, Path]:
@@ -457,7 +477,7 @@ class Bench:
         small = compress_model(start, mask, SCOPE, arch=self.args.arch)
         run_id = self.run_id(method, budget, seed)
         source = write_small_model(self.out / "masks" / run_id, small, mask, self.args.arch, self.num_classes)
-        folder = self.runner.retrain(seed, source, epochs, run_id)
+        folder = self.runner.retrain(seed, source, epochs, run_id, teacher=self.teacher(seed))
         return folder, saved_small_models(source)[-1]
 
     def goal(self, budget: float) -> int:
@@ -488,7 +508,8 @@ class Bench:
         run_id = self.run_id("scratch", budget, seed)
         source = write_small_model(self.out / "masks" / run_id, fresh, mask, arch, num_classes)
         epochs = self.args.search_epochs + self.args.retrain_epochs
-        return self.runner.retrain(seed, source, epochs, run_id), saved_small_models(source)[-1]
+        folder = self.runner.retrain(seed, source, epochs, run_id, teacher=self.teacher(seed))
+        return folder, saved_small_models(source)[-1]
 
     def torch_pruning(self, seed: int, budget: float) -> tuple[Path, Path]:
         sparse, mask = torch_pruning_mask(self.args, self.baseline(seed), self.goal(budget), seed, self.num_classes)
@@ -596,13 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--baseline-flags", default=TRAIN_FLAGS, help="main_original.py's flags beyond the common ones")
     add("--search-flags", default=SEARCH_FLAGS, help="main_search_conv12.py's flags beyond the common ones")
     add("--retrain-flags", default=TRAIN_FLAGS, help="the retrain's flags, the same for every method")
+    add("--distill", action="store_true",
+        help="every retrain distils from the seed's baseline (the retrain's --distill PATH); "
+             "temperature and weight from --retrain-flags, else the retrain's defaults")
     add("--tp-reg", type=float, default=5e-4, help="Torch-Pruning's group-norm regularisation gain")
     add("--tp-lr", type=float, default=0.02, help="lr of Torch-Pruning's sparse training (cosine)")
     add("--tp-steps", type=int, default=200, help="Torch-Pruning's pruning steps to reach the budget, at most")
     add("--out", default="experiments/quality")
     add("--combine", nargs="*", default=[], metavar="DIR",
         help="also summarise the runs recorded in these --out folders: benches of other seeds run in "
-             "parallel, each with its own --out (--seeds with no seed then only summarises)")
+             "parallel, each with its own --out (--seeds with no seed then only summarises); runs "
+             "made with other settings than this command's are left out")
     return parser
 
 
@@ -619,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     bench = Bench(args)
-    records = bench.run() + records_of(args.combine)
+    records = bench.run() + [record for record in records_of(args.combine) if bench.made_as_asked(record)]
     rows = summarise(records)
     full_gmacs = count_macs_params(build_model(args.arch, bench.num_classes), 224)[0] / 1e9
     table = format_table(rows, full_gmacs)
