@@ -129,9 +129,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         add("--budget-tolerance", default=1.0, type=float, metavar="PCT",
             help="stop probing once a probe is this many percentage points of the full MACs "
                  "from the target")
-        add("--budget-ranking", default="global", choices=("global", "layer"),
-            help="how the budget mask ranks filters: global (the share of its starting norm a filter "
-                 "kept) or layer (that share over its layer's median)")
+        add("--budget-ranking", default="layer", choices=("global", "layer"),
+            help="how the budget mask ranks filters: layer (the share of its starting norm a filter "
+                 "kept, over its layer's median) or global (that share alone, which empties whole "
+                 "layers first)")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
         add("--bn-calibration-images", default=256, type=int, metavar="N",

@@ -36,6 +36,9 @@ RESUME_OVERRIDES = {
     "world_size", "rank", "dist_timeout", "register", "registry", "evaluate",
     "checkpoint_every", "skip_nonfinite", "bad_images", "compile",
 }
+# Defaults that changed: a run whose run_info.json predates the change (has no such key)
+# resumes with the default it started under.
+FORMER_DEFAULTS = {"budget_ranking": "global"}
 # Where a run executes comes from the command that resumes it, never from run_info.json:
 # a stored --gpu could not be cleared again, and the --rank and --world-size of the node
 # that wrote the file would make the other nodes, or fewer of them, wait for peers forever.
@@ -52,7 +55,7 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
         if ignored:
             raise UserError(f"--resume continues a run with its own settings; these flags cannot "
                             f"change: --{', --'.join(ignored)}")
-        for key, value in stored.items():
+        for key, value in {**FORMER_DEFAULTS, **stored}.items():
             if key not in typed and key not in LAUNCH_FLAGS and hasattr(args, key):
                 setattr(args, key, value)
         moved = [f"--{key.replace('_', '-')} {stored[key]} (now {getattr(args, key)})"

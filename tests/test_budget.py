@@ -184,14 +184,15 @@ def shrunk(model, factors: dict):
     return model
 
 
-def test_a_tighter_budget_also_prunes_the_filters_that_shrank_most_whatever_their_layer(resnet18):
+def test_under_global_ranking_a_tighter_budget_also_prunes_the_filters_that_shrank_most_whatever_their_layer(
+        resnet18):
     at_start = start_norms(resnet18, "conv12")
     # layer4's filters have the smallest weights from the start; the search shrank layer1's.
     model = shrunk(planted(resnet18, {"layer3.1.conv1": list(range(100))}),
                    {"layer1.0.conv1": (list(range(32)), 0.1), "layer1.1.conv1": (list(range(32)), 0.2)})
     full = mask_macs("resnet18", compute_mask(model), "conv12", 10)
     goal = round(0.9 * full)
-    mask = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
+    mask = budget_mask(model, goal, search_args("--budget-ranking", "global"), "conv12", 10, at_start)
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal
     assert not mask["layer3.1.conv1"][:100].any()  # the zero filters go first
     assert not mask["layer1.0.conv1"][:32].any()  # then those with 10% of their norm left
@@ -217,7 +218,7 @@ def test_layer_ranking_prunes_the_filters_that_fell_behind_their_own_layer_not_t
     by_layer = budget_mask(model, goal, search_args("--budget-ranking", "layer"), "conv12", 10, at_start)
     assert all(torch.equal(by_layer[name], row) for name, row in laggards.items())
     # The global share ranks the evenly shrunk layer below every laggard of layer1 instead.
-    by_share = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
+    by_share = budget_mask(model, goal, search_args("--budget-ranking", "global"), "conv12", 10, at_start)
     assert int(by_share["layer2.0.conv1"].sum()) < 128 - 10 and by_share["layer1.0.conv1"].all()
 
 

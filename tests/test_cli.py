@@ -195,3 +195,15 @@ def test_resume_may_change_how_often_checkpoints_are_saved_but_not_the_recipe(ca
     (tmp_path / "run_info.json").write_text(json.dumps({"args": {"lr": 0.001}}))
     fails_with(capsys, SEARCH, ["--resume", str(tmp_path), "--checkpoint-every", "5", "--bad-images", "skip",
                                 "--momentum", "0.5"], "cannot change: --momentum")
+
+
+@pytest.mark.parametrize("stored, resumed_as", [({}, "global"), ({"budget_ranking": "layer"}, "layer")],
+                         ids=["recorded-before-the-flag", "recorded"])
+def test_a_search_resumes_with_the_budget_ranking_it_started_with(tmp_path, stored, resumed_as):
+    """A new search ranks by layer; one recorded before --budget-ranking existed ranked globally,
+    and a resume must not switch its mask rule half-way."""
+    from gsparsity import launch
+
+    assert launch.parse_args("search", ["--dummy"]).budget_ranking == "layer"
+    (tmp_path / "run_info.json").write_text(json.dumps({"args": {"lr": 0.001, **stored}}))
+    assert launch.parse_args("search", ["--resume", str(tmp_path)]).budget_ranking == resumed_as
