@@ -16,7 +16,8 @@ import torchvision
 
 
 from _timing import add_memory_flag, command_line, environment_line, prepare, timed
-from gsparsity.masks import compute_mask, transfer_model_parameters
+from gsparsity.compression import transfer_model_parameters
+from gsparsity.masks import compute_mask
 from gsparsity.pruned_resnet import build_pruned_resnet
 from gsparsity.structure import prunable_convs
 

@@ -53,7 +53,8 @@ from _timing import (
 from gsparsity.complexity import count_macs_params
 from gsparsity.engine import amp_dtype
 from gsparsity.inference import fuse_bn, inference_form
-from gsparsity.masks import Mask, compress_model, compute_mask, load_mask
+from gsparsity.compression import compress_model
+from gsparsity.masks import Mask, compute_mask, load_mask
 from gsparsity.structure import prunable_convs
 
 TARGET_EFFICIENCY = 0.8  # latency speedup / MACs reduction factor, at batch 32 on CPU

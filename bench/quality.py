@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from gsparsity.checkpoint import load_checkpoint
 from gsparsity.complexity import count_macs_params
-from gsparsity.export import load_compressed_model, save_compressed_model
-from gsparsity.masks import Mask, compress_model, mask_from_record
+from gsparsity.compression import compress_model, load_compressed_model, save_compressed_model
+from gsparsity.masks import Mask, mask_from_record
 from gsparsity.models import build_model
 from gsparsity.pruned_resnet import build_pruned_resnet
 from gsparsity.registry import register_experiment, saved_small_models, searched_small_model

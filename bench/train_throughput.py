@@ -30,7 +30,8 @@ from _timing import (
 )
 from latency import THRESHOLD, keep_ratio_for_macs, with_random_pruned_filters
 from search_step import search_optimizer, synthetic_batch, training_step
-from gsparsity.masks import compress_model, compute_mask
+from gsparsity.compression import compress_model
+from gsparsity.masks import compute_mask
 from gsparsity.structure import SCOPES
 
 RETRAIN_MACS_SHARE = 0.5

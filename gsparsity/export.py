@@ -38,23 +38,16 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, atomic_write_bytes, load_checkpoint, refuse_to_replace
+from .checkpoint import atomic_write_bytes, refuse_to_replace
+from .compression import load_compressed_model
 from .errors import UserError
-from .experiment import RUN_INFO
 from .inference import fuse_bn
-from .masks import Mask, mask_from_record, mask_to_record, save_mask
-from .original_files import (is_original_retrain_checkpoint, is_original_small_model, load_original_retrain_checkpoint,
-                             load_original_small_model, original_search_small_model)
-from .pruned_resnet import build_pruned_resnet
-from .registry import SMALL_MODEL_PATTERN, mask_file, searched_small_model, small_model_file
-from .training import BEST, CHECKPOINT
 
 FORMATS = ("torchscript", "onnx")
 FILE_SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 RELATIVE_TOLERANCE = 1e-4  # largest accepted |exported - PyTorch| / max |PyTorch|
 ONNX_OPSET = 17  # run by every onnxruntime release since 1.14
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-REQUIRED_KEYS = ("arch", "scope", "num_classes", "mask", "state_dict")
 EXIT_USER_ERROR, EXIT_MISMATCH = 2, 1
 # Warnings of the exporters that say nothing about this model:
 QUIET_WARNINGS = (
@@ -92,87 +85,6 @@ class ExportResult:
     files: dict[str, Path]  # format -> written file
     deviations: list[Deviation]
     info: dict  # what load_compressed_model says about the model
-
-
-# --- finding and loading the compressed model ------------------------------------------
-
-def save_compressed_model(folder: Path, small: nn.Module, mask: Mask, arch: str, scope: str, threshold: float,
-                          num_classes: int, epoch: int, **figures: float | None) -> Path:
-    """Write what a search leaves for one threshold: ``mask_<scope>_<t>.json`` and the
-    ``small_model_<scope>_<t>.pth.tar`` that :func:`load_compressed_model` reads (``figures``:
-    accuracies stored beside the weights). Returns the small model's path."""
-    save_mask(mask, folder / mask_file(scope, threshold), arch, scope, threshold)
-    path = folder / small_model_file(scope, threshold)
-    atomic_save({"epoch": epoch, "arch": arch, "scope": scope, "num_classes": num_classes,
-                 "mask": mask_to_record(mask, arch, scope, threshold), "state_dict": small.state_dict(),
-                 **figures}, path)
-    return path
-
-
-def compressed_model_file(path: str | os.PathLike) -> Path:
-    """The checkpoint holding a compressed model: ``path`` itself if it is a file, else the
-    ``small_model_*.pth.tar`` of a search folder (its own threshold's) or the best (else latest) checkpoint
-    of a retrain folder."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if path.is_file():
-        return path
-    small_models = [file for file in path.iterdir() if SMALL_MODEL_PATTERN.fullmatch(file.name)]
-    if small_models:
-        # As the registry does: the search's own threshold (others are saved beside it).
-        return searched_small_model(path, small_models)
-    if (path / RUN_INFO).is_file():
-        for name in (BEST, CHECKPOINT):  # model_best is missing while top-1 stayed 0
-            if (path / name).is_file():
-                return path / name
-    raise UserError(f"{path}: neither a search folder (no small_model_*.pth.tar) nor a retrain "
-                    f"folder (no run_info.json with {BEST} or {CHECKPOINT})")
-
-
-def load_compressed_model(path: str | os.PathLike,
-                          registry: str | os.PathLike | None = None) -> tuple[nn.Module, dict]:
-    """(the compressed model in eval mode on the CPU, info) from a small-model file, a retrain
-    checkpoint, or an experiment folder holding one (``compressed_model_file``).
-
-    ``info`` holds ``path`` (the file read), ``arch``, ``scope``, ``num_classes``,
-    ``epoch`` (None if unknown) and ``mask`` (the ``mask_to_record`` record).
-    The model is rebuilt from the mask inside the file: no registry is needed, but for a
-    retrain checkpoint of the original, which has no mask (``registry``: None, the default one).
-    """
-    path = original_search_small_model(path) or compressed_model_file(path)
-    saved = load_checkpoint(path)
-    if is_original_small_model(saved):
-        return load_original_small_model(path, saved)
-    if is_original_retrain_checkpoint(saved, path):
-        return load_original_retrain_checkpoint(path, saved, registry)
-    missing = [key for key in REQUIRED_KEYS if key not in saved]
-    if missing:
-        raise UserError(f"{path} is not a compressed model: it has no {', '.join(missing)} "
-                        f"(a search's small_model_*.pth.tar or a retrain's checkpoint is)")
-    if type(saved["num_classes"]) is not int or saved["num_classes"] < 1:
-        raise UserError(f"{path}: num_classes must be a positive integer, not {saved['num_classes']!r}")
-    mask = mask_from_record(saved["mask"], arch=saved["arch"], scope=saved["scope"], source=str(path))
-    model = build_pruned_resnet(saved["arch"], mask, saved["scope"], saved["num_classes"])
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise UserError(f"{path}: its weights do not fit the model built from its mask "
-                        f"({str(error).strip().splitlines()[0]}){_older_layout_hint(saved, mask)}") from None
-    info = {"path": path, "epoch": saved.get("epoch"),
-            **{key: saved[key] for key in ("arch", "scope", "num_classes", "mask")}}
-    return model.eval(), info
-
-
-def _older_layout_hint(saved: dict, mask: dict) -> str:
-    """Why an older file does not load: it kept one zero channel where a layer kept no filter,
-    where a compressed model now drops that block's branch (masks.dropped_blocks)."""
-    state_dict = saved["state_dict"] if isinstance(saved.get("state_dict"), dict) else {}
-    emptied = [name for name, row in mask.items() if not bool(row.any()) and f"{name}.weight" in state_dict]
-    if not emptied:
-        return ""
-    return (f"; it was saved when a layer that keeps no filter ({emptied[0]}) still had one channel, "
-            f"where its block's branch is now dropped: compress the search's full model again")
 
 
 # --- exporting and checking ----------------------------------------------------------

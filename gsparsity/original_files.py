@@ -283,7 +283,7 @@ def is_original_retrain_checkpoint(saved: dict, path: Path) -> bool:
 
 def load_original_small_model(path: Path, saved: dict) -> tuple[nn.Module, dict]:
     """(model, info) from the original's ``small_model_<scope>_<threshold>.pth.tar`` and the
-    ``mask_<threshold>.npy`` beside it; ``info`` as ``export.load_compressed_model`` gives it."""
+    ``mask_<threshold>.npy`` beside it; ``info`` as ``compression.load_compressed_model`` gives it."""
     match = SCOPED_SMALL_MODEL.fullmatch(path.name)
     if match is None:
         raise UserError(f"{path} is a compressed model of the original, whose scope and mask only its "

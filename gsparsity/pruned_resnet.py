@@ -4,7 +4,7 @@
 state_dict keys are torchvision's) and swaps every conv/BatchNorm whose width the
 mask changes for a narrower one: a prunable conv keeps ``len(kept_indices(row))``
 filters, its BN as many channels, and its consumer conv as many input channels
-(the same ``masks.channel_plan`` that ``transfer_model_parameters`` slices weights by).
+(``channel_plan``, which ``compression.transfer_model_parameters`` slices weights by too).
 
 Scope ``conv12`` leaves the last conv of each block at full width, so the blocks stay
 torchvision's own classes. Scope ``all_conv`` narrows the last conv too, while the
@@ -19,14 +19,14 @@ is spent initialising layers that are then replaced.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .masks import Mask, channel_plan, check_mask, dropped_blocks, kept_indices, reference_model
-from .structure import branch_chain, check_scope, residual_blocks
+from .masks import Mask, check_mask, dropped_blocks, kept_indices, plain_model, reference_model
+from .structure import RESIDUAL, branch_chain, check_scope, prunable_convs, residual_blocks
 
 # Every torchvision ResNet: BasicBlock/Bottleneck, and ResNeXt's grouped Bottleneck.
 ARCHS = (
@@ -34,6 +34,33 @@ ARCHS = (
     "wide_resnet50_2", "wide_resnet101_2",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
 )
+
+# {module name: (kept output channels or None, kept input channels or None)}
+ChannelPlan = dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def channel_plan(model: nn.Module, mask: Mask, scope: str = "conv12") -> ChannelPlan:
+    """{module name: (kept output channels or None, kept input channels or None)} for ``model``.
+
+    Each prunable conv keeps ``kept_indices`` of its output channels, and so do its
+    BatchNorm and the input channels of its consumer conv. Modules absent from the
+    plan keep every channel, except the branches of ``dropped_blocks``, which go
+    altogether (and are absent too).
+    """
+    plan: dict[str, list] = {}
+    big = plain_model(model)
+    dropped = dropped_blocks(big, mask, scope)
+    for prunable in prunable_convs(big, scope):
+        if prunable.block_name in dropped:
+            continue
+        kept = kept_indices(mask[prunable.name])
+        plan.setdefault(prunable.name, [None, None])[0] = kept
+        plan.setdefault(prunable.bn_name, [None, None])[0] = kept
+        # A grouped consumer's weight holds each group's inputs, which do not change:
+        # it loses whole groups, by its own outputs.
+        if prunable.consumer != RESIDUAL and big.get_submodule(prunable.consumer).groups == 1:
+            plan.setdefault(prunable.consumer, [None, None])[1] = kept
+    return {name: (outputs, inputs) for name, (outputs, inputs) in plan.items()}
 
 
 class PrunedResidualBlock(nn.Module):
@@ -80,7 +107,7 @@ class ShortcutOnlyBlock(nn.Module):
 
     It computes ``relu(shortcut(x) + residual_bias)``, where the shortcut is the block's
     ``downsample`` (None: the identity) and ``residual_bias`` is what the branch still
-    added in eval mode (``masks.dropped_branch_output``; zeros until folded). The
+    added in eval mode (``compression.dropped_branch_output``; zeros until folded). The
     original's compressed block computes ``relu(identity)`` there. Children keep
     torchvision's names, so the state_dict is the block's downsample plus ``residual_bias``.
     """

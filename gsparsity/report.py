@@ -33,7 +33,7 @@ from typing import Sequence
 from .checkpoint import atomic_write_bytes, load_checkpoint, refuse_to_replace
 from .errors import UserError
 from .experiment import LOG_FILE, METRICS_FILE, RUN_INFO
-from .export import compressed_model_file
+from .compression import compressed_model_file
 from .masks import dropped_blocks, mask_from_record, reference_model
 from .structure import prunable_convs
 

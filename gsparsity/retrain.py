@@ -16,10 +16,10 @@ from .distill import DistillationLoss, distill_record, load_teacher, searchs_sta
 from .distributed import DistContext
 from .errors import UserError
 from .filter_norms import rescale_branch_filters
-from .masks import compress_model, mask_from_record
+from .compression import compress_model, compressed_model_fields, load_compressed_model
+from .masks import mask_from_record
 from .models import build_model, load_pretrained
 from .experiment import open_experiment, read_run_info, start_logging, timestamp, write_run_info
-from .export import load_compressed_model
 from .registry import registry_file, resolve, saved_small_models, small_model_file
 from .training import evaluate_only, fit, place_model, seed_everything, start_run
 
@@ -102,8 +102,8 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run = start_run(args, ctx, folder, model, optimizer, loaders,
-                    extra_checkpoint={"mask": mask_record, "scope": scope,
-                                      "num_classes": loaders.num_classes})
+                    extra_checkpoint=compressed_model_fields(mask_record["arch"], scope, loaders.num_classes,
+                                                             mask_record))
     if teacher is not None:
         run.criterion = DistillationLoss(teacher, args.distill_temperature, args.distill_weight,
                                          args.label_smoothing)

@@ -22,8 +22,8 @@ from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
 from .experiment import open_experiment, timestamp, write_run_info
-from .export import save_compressed_model
-from .masks import Mask, compress_model, compute_mask
+from .compression import compress_model, save_compressed_model
+from .masks import Mask, compute_mask
 from .registry import check_can_register, register_experiment, registers_itself, registry_file
 from .engine import validate
 from .sparsity import sparsity_report

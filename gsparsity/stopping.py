@@ -24,21 +24,26 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
 from .distributed import DistContext, all_reduce_max
 from .errors import UserError
 
-if TYPE_CHECKING:
-    from .data import CheckedImageFolder
-
 log = logging.getLogger("gsparsity")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later", i.e. with --resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 NO_STEP = 2**62  # "no non-finite step yet"; larger than any step number
 CUDA_CHECK_EVERY_MAX = 20  # a stop signal waits at most this many steps on CUDA
+
+
+class ImageFiles(Protocol):
+    """What the guard asks of the epoch's image files (``data.CheckedImageFolder``)."""
+
+    def unreadable_to_stop_for(self) -> int | None: ...
+
+    def unreadable_message(self, index: int) -> str: ...
 
 
 class StopRequested(Exception):
@@ -113,7 +118,7 @@ class StepGuard:
         self.epoch = 0
         self.total_steps = 0
         self.first_nonfinite = torch.full((), NO_STEP, dtype=torch.int64, device=ctx.device)
-        self.images: CheckedImageFolder | None = None  # the epoch's image files, if an ImageFolder
+        self.images: ImageFiles | None = None  # the epoch's image files, if an ImageFolder
 
     @staticmethod
     def check_interval(ctx: DistContext, print_freq: int) -> int:
@@ -121,7 +126,7 @@ class StepGuard:
         module docstring)."""
         return 1 if ctx.device.type == "cpu" else min(max(print_freq, 1), CUDA_CHECK_EVERY_MAX)
 
-    def start_epoch(self, epoch: int, total_steps: int, images: CheckedImageFolder | None = None) -> None:
+    def start_epoch(self, epoch: int, total_steps: int, images: ImageFiles | None = None) -> None:
         self.epoch, self.total_steps, self.images = epoch, total_steps, images
         self.first_nonfinite.fill_(NO_STEP)
 

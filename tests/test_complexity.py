@@ -10,7 +10,8 @@ from torch import nn
 
 from gsparsity.complexity import Macs, count_macs, count_macs_params, evaluation_mode, format_macs_params
 from gsparsity.mask_macs import mask_macs
-from gsparsity.masks import compress_model, compute_mask, reference_model
+from gsparsity.compression import compress_model
+from gsparsity.masks import compute_mask, reference_model
 from gsparsity.pruned_resnet import build_pruned_resnet
 from gsparsity.structure import prunable_convs
 

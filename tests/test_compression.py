@@ -11,7 +11,8 @@ from torch import nn
 import models_with_reduce_all_conv
 import models_with_reduce_conv12
 from gsparsity.errors import UserError
-from gsparsity.masks import compress_model, compute_mask, transfer_model_parameters
+from gsparsity.compression import compress_model, transfer_model_parameters
+from gsparsity.masks import compute_mask
 from gsparsity.complexity import count_macs
 from gsparsity.mask_macs import mask_macs
 from gsparsity.pruned_resnet import ARCHS, PrunedResidualBlock, ShortcutOnlyBlock, add_at_channels, build_pruned_resnet

@@ -10,7 +10,8 @@ from torch import nn
 
 from gsparsity.checkpoint import atomic_save, load_checkpoint
 from gsparsity.errors import UserError
-from gsparsity.export import export_compressed_model, load_compressed_model, main, output_paths
+from gsparsity.compression import load_compressed_model
+from gsparsity.export import export_compressed_model, main, output_paths
 from gsparsity.masks import mask_from_record, mask_to_record, reference_model
 from gsparsity.pruned_resnet import ShortcutOnlyBlock, build_pruned_resnet
 from gsparsity.structure import prunable_convs

@@ -12,7 +12,7 @@ import torchvision
 from scripts import TINY, only_folder, run_script
 
 from gsparsity.checkpoint import load_checkpoint
-from gsparsity.masks import compress_model, full_fp32_convolutions
+from gsparsity.compression import compress_model, full_fp32_convolutions
 from gsparsity.structure import prunable_convs
 from proxsgd import ProxSGD, group_model_parameters
 

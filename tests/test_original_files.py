@@ -30,7 +30,8 @@ from scripts import TINY, run_script, scratch_folder
 from gsparsity import launch
 from gsparsity.distill import searchs_starting_weights
 from gsparsity.errors import UserError
-from gsparsity.export import load_compressed_model, main as export_main
+from gsparsity.compression import load_compressed_model
+from gsparsity.export import main as export_main
 from gsparsity.original_files import mask_from_original, read_original_mask
 from gsparsity.registry import RegisteredModel, read_registry, register, resolve, unregister
 from gsparsity.retrain import small_model_path

@@ -8,7 +8,8 @@ from torch import nn
 
 from gsparsity.cli import build_parser, validate_args
 from gsparsity.errors import UserError
-from gsparsity.masks import compress_model, compute_mask
+from gsparsity.compression import compress_model
+from gsparsity.masks import compute_mask
 from gsparsity.pruned_resnet import ShortcutOnlyBlock
 from gsparsity.structure import prunable_convs
 from scripts import TINY, only_folder, run_script
