@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from proxsgd import ProxSGD, group_model_parameters
 
 from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
@@ -43,12 +42,13 @@ from .engine import autocast, backward_and_step, make_scaler, to_device
 from .errors import UserError
 from .mask_macs import mask_macs
 from .masks import Mask, compute_mask, member_rows, unit_norms
+from .search_optimizer import ProxSettings, search_optimizer
 from .structure import prunable_convs, pruning_groups
 from .training import make_scheduler
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
-FALLBACK_START_MU = 0.05  # where the bisection starts when --weight_decay is 0
+FALLBACK_START_MU = 0.05  # where the bisection starts when --mu is 0
 
 
 @dataclass
@@ -144,9 +144,9 @@ class MuProbe:
     """Trains ``model`` from its starting weights for a few steps at a given mu, predicts
     the compressed model's MACs (module docstring), and puts the starting weights back."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str,
+    def __init__(self, model: nn.Module, prox: ProxSettings, args: argparse.Namespace, ctx: DistContext,
                  batches: list, num_classes: int, full_macs: int, search_lrs: list[float]) -> None:
-        self.model, self.args, self.ctx, self.scope = model, args, ctx, scope
+        self.model, self.prox, self.args, self.ctx, self.scope = model, prox, args, ctx, prox.scope
         self.batches, self.num_classes, self.full_macs = batches, num_classes, full_macs
         self.start_state = {key: value.clone() for key, value in model.state_dict().items()}
         # The probe's steps stand in for the search's first ones.
@@ -154,10 +154,7 @@ class MuProbe:
 
     def __call__(self, mu: float) -> Probe:
         args = self.args
-        groups = group_model_parameters(self.model, mu, scope=self.scope,
-                                        layer_adaptive=args.layer_adaptive, group=args.group)
-        optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
-                            normalization=args.normalization)
+        optimizer = search_optimizer(self.model, self.prox.with_mu(mu))
         scaler = make_scaler(args.amp, self.ctx.device)
         criterion = nn.CrossEntropyLoss()
         counted_from, counted = len(self.batches) // 2, 0
@@ -298,8 +295,8 @@ def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_cla
     return goal
 
 
-def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scope: str, loader: DataLoader,
-              num_classes: int, goal: int, full_macs: int) -> dict:
+def choose_mu(model: nn.Module, prox: ProxSettings, args: argparse.Namespace, ctx: DistContext,
+              loader: DataLoader, num_classes: int, goal: int, full_macs: int) -> dict:
     """Run the budget search for ``goal`` MACs (from :func:`check_target`); returns its record
     for run_info.json (``"mu"``: the choice).
 
@@ -310,9 +307,8 @@ def choose_mu(model: nn.Module, args: argparse.Namespace, ctx: DistContext, scop
         log.info(f"budget search: target {goal / 1e9:.3f} GMac ({100 * target_share:.1f}% of the MACs), "
                  f"up to {args.budget_probes} probes of {args.budget_steps} steps")
     batches = first_batches(loader, args.budget_steps, args.seed)
-    probe = MuProbe(model, args, ctx, scope, batches, num_classes, full_macs,
-                    search_step_lrs(args, len(loader)))
-    start_mu = args.weight_decay if args.weight_decay > 0 else FALLBACK_START_MU
+    probe = MuProbe(model, prox, args, ctx, batches, num_classes, full_macs, search_step_lrs(args, len(loader)))
+    start_mu = prox.mu if prox.mu > 0 else FALLBACK_START_MU
     best, probes = bisect_mu(probe, target_share, start_mu, args.budget_probes, args.budget_tolerance / 100)
     if ctx.is_main:
         log.info(f"budget search: mu {best.mu:.4g}, predicted {best.macs / 1e9:.3f} GMac "

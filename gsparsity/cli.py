@@ -18,9 +18,9 @@ from .pruned_resnet import ARCHS
 from .registry import check_model_name
 
 
-# Defaults that differ between workflows: (lr, weight_decay, epochs).
+# Defaults that differ between workflows: (lr, weight decay or the search's mu, epochs).
 WORKFLOW_DEFAULTS = {
-    "search": (1e-3, 0.05, 90),  # weight_decay is the group-lasso gain mu here
+    "search": (1e-3, 0.05, 90),
     "retrain": (0.1, 1e-4, 90),
     "original": (0.1, 1e-4, 90),
 }
@@ -47,10 +47,12 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         help="global batch size, split across all processes")
     add("--lr", "--learning-rate", default=lr, type=float, dest="lr")
     add("--momentum", default=0.9, type=float)
-    wd_help = ("group-lasso gain mu (layer-adaptive: doubled in layer2 and layer3)"
-               if kind == "search" else "L2 weight decay")
-    add("--weight_decay", "--wd", "--weight-decay", default=weight_decay, type=float,
-        dest="weight_decay", help=wd_help)
+    if kind == "search":  # the original's search spells the group-lasso gain --weight_decay
+        add("--mu", "--weight_decay", "--wd", "--weight-decay", default=weight_decay, type=float, dest="mu",
+            help="group-lasso gain mu (with --layer_adaptive: doubled in layer2 and layer3)")
+    else:
+        add("--weight_decay", "--wd", "--weight-decay", default=weight_decay, type=float,
+            dest="weight_decay", help="L2 weight decay")
     add("--lr-scheduler", default="step", choices=("step", "cosine"),
         help="step: x0.1 every --lr-step epochs; cosine: to zero over --epochs")
     add("--lr-step", default=30, type=int, metavar="N")
@@ -123,7 +125,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                  "the highest-norm zero filters are kept too")
         add("--target-macs", default=None, metavar="G",
             help="aim at a MACs budget: GMac per 224x224 image (e.g. 2.05) or a share of the full "
-                 "model's (e.g. 50%%); short probes pick mu first (--weight_decay is where they start)")
+                 "model's (e.g. 50%%); short probes pick mu first (--mu is where they start)")
         add("--budget-steps", default=20, type=int, metavar="N", help="training steps of each probe")
         add("--budget-probes", default=8, type=int, metavar="N", help="most probes the budget search runs")
         add("--budget-tolerance", default=1.0, type=float, metavar="PCT",
@@ -189,8 +191,9 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
     positive("print-freq", args.print_freq)
     positive("lr-step", args.lr_step)
     positive("dist-timeout", args.dist_timeout)
-    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
-        raise UserError(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    decay = ("mu/--weight_decay", args.mu) if kind == "search" else ("weight_decay", args.weight_decay)
+    if not (decay[1] >= 0 and math.isfinite(decay[1])):
+        raise UserError(f"--{decay[0]} must be >= 0, got {decay[1]}")
     if not 0 <= args.momentum < 1 + 1e-12:
         raise UserError(f"--momentum must be in [0, 1], got {args.momentum}")
     if args.workers < 0:

@@ -140,7 +140,7 @@ def load_teacher(path: Path, arch: str, num_classes: int, device: torch.device, 
     return teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
 
 
-def distill_record(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+def distill_record(path: Path, arch: str, args: argparse.Namespace) -> dict[str, Any]:
     """What run_info.json keeps, so that --resume distils from the same teacher."""
-    return {"teacher": str(path), "arch": args.arch, "temperature": args.distill_temperature,
+    return {"teacher": str(path), "arch": arch, "temperature": args.distill_temperature,
             "weight": args.distill_weight}

@@ -39,6 +39,8 @@ RESUME_OVERRIDES = {
 # Defaults that changed: a run whose run_info.json predates the change (has no such key)
 # resumes with the default it started under.
 FORMER_DEFAULTS = {"budget_ranking": "global"}
+# Settings renamed since: {workflow: {name in older run_info.json files: name now}}.
+FORMER_NAMES = {"search": {"weight_decay": "mu"}}
 # Where a run executes comes from the command that resumes it, never from run_info.json:
 # a stored --gpu could not be cleared again, and the --rank and --world-size of the node
 # that wrote the file would make the other nodes, or fewer of them, wait for peers forever.
@@ -49,7 +51,7 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser(kind)
     args = parser.parse_args(argv)
     if args.resume is not None:
-        stored = read_run_info(args.resume)["args"]
+        stored = renamed(read_run_info(args.resume)["args"], FORMER_NAMES.get(kind, {}))
         typed = explicit_flags(parser, argv)
         ignored = sorted(typed - RESUME_OVERRIDES)
         if ignored:
@@ -64,6 +66,15 @@ def parse_args(kind: str, argv: Sequence[str]) -> argparse.Namespace:
             print(f"note: --resume runs where this command says; the run started with "
                   f"{', '.join(moved)}", file=sys.stderr)
     return args
+
+
+def renamed(stored: dict, former_names: dict[str, str]) -> dict:
+    """``stored`` with the keys of an older run_info.json under their names now."""
+    current = dict(stored)
+    for old, new in former_names.items():
+        if old in current and new not in current:
+            current[new] = current.pop(old)
+    return current
 
 
 def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace) -> None:

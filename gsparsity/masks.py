@@ -1,4 +1,4 @@
-"""Which filters survive, and the exact compression of a sparse model into a small one.
+"""Which filters survive: computing a mask, checking it, and its records and files.
 
 A *mask* maps the name of every prunable conv (``structure.prunable_convs``; names
 of the plain torchvision model, e.g. ``"layer1.0.conv1"``) to a 1-D bool tensor on

@@ -65,12 +65,12 @@ def small_model_path(args: argparse.Namespace, scope: str) -> Path:
     return path
 
 
-def retrain_folder_name(args: argparse.Namespace, scope: str) -> str:
+def retrain_folder_name(args: argparse.Namespace, scope: str, arch: str) -> str:
     """As the original's two retrain scripts name their folders (each its own way)."""
     if scope == "all_conv":
         return (f"retrain_{args.baseline_model}_lr_{args.lr}_momentum_{args.momentum}"
                 f"_wd_{args.weight_decay}_{timestamp()}")
-    return f"retrain_{args.arch}_{args.baseline_model}_{timestamp()}"
+    return f"retrain_{arch}_{args.baseline_model}_{timestamp()}"
 
 
 def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
@@ -86,7 +86,7 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
                         if args.inherit == "start" and not args.resume else None)
     loaders = build_loaders(args, ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
-    args.arch = mask_record["arch"]  # the searched model's, whatever -a says
+    arch = mask_record["arch"]  # the searched model's, whatever -a says
     if starting_weights is not None:
         model = cut_to_mask(starting_weights, mask_record, scope, loaders.num_classes)
         log.info(f"--inherit start: the search's mask on the weights it started from, {starting_weights}")
@@ -95,23 +95,23 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         log.info(f"--rescale-filters: branch filters scaled to a fresh conv's norm, by a median factor of "
                  f"{statistics.median(factors.values()):.3g} (from {min(factors.values()):.3g} to "
                  f"{max(factors.values()):.3g} per conv)")
-    teacher = None if teacher_path is None else load_teacher(teacher_path, args.arch, loaders.num_classes,
+    teacher = None if teacher_path is None else load_teacher(teacher_path, arch, loaders.num_classes,
                                                              ctx.device, args.channels_last)
-    folder = open_experiment(args, ctx, retrain_folder_name(args, scope), script)
+    folder = open_experiment(args, ctx, retrain_folder_name(args, scope, arch), script)
     model = place_model(model, args, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run = start_run(args, ctx, folder, model, optimizer, loaders,
-                    extra_checkpoint=compressed_model_fields(mask_record["arch"], scope, loaders.num_classes,
+                    extra_checkpoint=compressed_model_fields(arch, scope, loaders.num_classes,
                                                              mask_record))
     if teacher is not None:
         run.criterion = DistillationLoss(teacher, args.distill_temperature, args.distill_weight,
                                          args.label_smoothing)
         run.criterion.watch(run.model)
-        log.info(f"distilling from the unpruned {args.arch} in {teacher_path} (temperature "
+        log.info(f"distilling from the unpruned {arch} in {teacher_path} (temperature "
                  f"{args.distill_temperature:g}, weight {args.distill_weight:g})")
     macs, params = count_macs_params(model, 224)
-    log.info(f"compressed {args.arch} ({scope}) from {source}: {format_macs_params(macs, params)} at 224x224")
+    log.info(f"compressed {arch} ({scope}) from {source}: {format_macs_params(macs, params)} at 224x224")
     if not args.resume:  # what compression cost, before any retraining
         evaluate_only(run, "inherited weights, before retraining")
     if args.evaluate:
@@ -120,8 +120,8 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
             evaluate_only(run, f"retrained weights, after {run.start_epoch} epoch(s){step}")
         return
     if ctx.is_main and not args.resume:
-        distill = {} if teacher_path is None else {"distill": distill_record(teacher_path, args)}
-        write_run_info(folder, args, script, {"scope": scope, "small_model": str(source.resolve()),
+        distill = {} if teacher_path is None else {"distill": distill_record(teacher_path, arch, args)}
+        write_run_info(folder, args, script, {"scope": scope, "arch": arch, "small_model": str(source.resolve()),
                                               "macs": macs, "params": params, **distill})
         run.scalars.add("complexity/gmacs", macs / 1e9, 0)
         run.scalars.add("complexity/mparams", params / 1e6, 0)

@@ -8,12 +8,11 @@ import copy
 import logging
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-
-from proxsgd import ProxSGD, group_model_parameters
 
 from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
                      start_norms, target_macs)
@@ -21,19 +20,17 @@ from .bn_calibration import calibration_loader, recalibrate_batchnorm
 from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
-from .experiment import open_experiment, timestamp, write_run_info
+from .experiment import open_experiment, read_run_info, timestamp, write_run_info
 from .compression import compress_model, save_compressed_model
 from .masks import Mask, compute_mask
 from .registry import check_can_register, register_experiment, registers_itself, registry_file
 from .engine import validate
+from .search_optimizer import ProxSettings, search_optimizer
 from .sparsity import sparsity_report
 from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
 
 log = logging.getLogger("gsparsity")
 CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
-# --layer_adaptive when not given, as the original's scripts have it: its conv12 search doubles
-# mu in layer2 and layer3, its all_conv search gives every stage the same mu.
-LAYER_ADAPTIVE_BY_SCOPE = {"conv12": True, "all_conv": False}
 # The thresholds at which the original's search saves its compressed model when it ends.
 ORIGINAL_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -43,7 +40,7 @@ def experiment_name(args: argparse.Namespace, scope: str) -> str:
         value, is_share = parse_target(args.target_macs)
         mu_part = f"target_{100 * value:g}pct" if is_share else f"target_{value / 1e9:g}GMac"
     else:
-        mu_part = f"wd_{args.weight_decay}"
+        mu_part = f"wd_{args.mu}"  # the original's folder names spell mu so
     return (f"{scope}_lr_{args.lr}_momentum_{args.momentum}_{mu_part}"
             f"_normalization_{args.normalization}_pretrained_{args.pretrained is not None}_{timestamp()}")
 
@@ -221,26 +218,25 @@ def finish(args: argparse.Namespace, folder: Path, scope: str) -> None:
 
 
 def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
-    if args.layer_adaptive is None:
-        args.layer_adaptive = LAYER_ADAPTIVE_BY_SCOPE[scope]
     # Everything that can refuse the input (the target too) comes before the experiment folder;
     # the registry first: it is quick to read, and otherwise only read when the search is over.
     check_registry_takes_name(args, ctx)
     loaders, model = data_and_starting_model(args, ctx)
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
+    prox = ProxSettings.from_args(args, scope)
     probing = args.target_macs is not None and not (args.resume or args.evaluate)
     goal = check_target(model, args, scope, loaders.num_classes, full_macs) if probing else None
     script = f"main_search_{scope}.py"
     folder = open_experiment(args, ctx, experiment_name(args, scope), script)
     budget = None
     if probing:
-        budget = choose_mu(model, args, ctx, scope, loaders.train, loaders.num_classes, goal, full_macs)
-        args.weight_decay = budget["mu"]  # run_info.json keeps it, so --resume goes on with it
-    groups = group_model_parameters(model, args.weight_decay, scope=scope,
-                                    layer_adaptive=args.layer_adaptive, group=args.group)
-    optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
-                        normalization=args.normalization)
+        budget = choose_mu(model, prox, args, ctx, loaders.train, loaders.num_classes, goal, full_macs)
+    elif args.resume:
+        budget = read_run_info(args.resume).get("budget")
+    if budget is not None:  # the budget's choice: a result in run_info.json, not a setting
+        prox = prox.with_mu(budget["mu"])
+    optimizer = search_optimizer(model, prox)
     # The budget's mask ranks filters by how much of these norms they keep; checkpoints carry them.
     extra = {"norms_at_start": start_norms(model, scope)} if args.target_macs is not None else {}
     run = start_run(args, ctx, folder, model, optimizer, loaders, extra_checkpoint=extra)
@@ -251,13 +247,12 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
             save_other_thresholds(run, scope, check_batch, metrics.top1, full_macs)
         return
     if ctx.is_main and not args.resume:
-        write_run_info(folder, args, script, {"scope": scope, "budget": budget})
+        write_run_info(folder, args, script, {"scope": scope, "budget": budget, "optimizer": asdict(prox)})
     if args.pretrained is None and not args.resume:
         log.warning("--no-pretrained: the search starts from random weights (GSparsity, as published, "
                     "starts from pretrained ones)")
-    gains = ", 2x in layer2 and layer3" if args.layer_adaptive else ""
     log.info(f"search with ProxSGD on {ctx.world_size} process(es), device {ctx.device}: scope {scope}, "
-             f"mu {args.weight_decay}{gains}, full model {format_macs_params(full_macs, full_params)}")
+             f"{prox.describe()}, full model {format_macs_params(full_macs, full_params)}")
     fit(run, EpochEnd(run, scope, full_macs, full_params))
     if ctx.is_main:
         finish(args, folder, scope)

@@ -15,6 +15,7 @@ from gsparsity.cli import build_parser
 from gsparsity.distributed import DistContext
 from gsparsity.errors import UserError
 from gsparsity.masks import compute_mask, load_mask
+from gsparsity.search_optimizer import ProxSettings
 from proxsgd import ProxSGD, group_model_parameters
 from scripts import TINY, only_folder, run_script
 
@@ -77,7 +78,12 @@ def tiny_batches(count: int):
             for _ in range(count)]
 
 
+def prox_settings(args) -> ProxSettings:
+    return ProxSettings.from_args(args, "conv12")
+
+
 def run_proxsgd(model, args, mu: float, batches) -> None:
+    # Built by hand from the flags, not by search_optimizer: the probe is checked against ProxSGD itself.
     groups = group_model_parameters(model, mu, layer_adaptive=args.layer_adaptive, group=args.group)
     optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum, adaptive_lr=args.adaptive_lr,
                         normalization=args.normalization)
@@ -107,7 +113,7 @@ def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(arch, mu, 
     batches = tiny_batches(2)
     full_macs = mask_macs(arch, compute_mask(model, 1e-6), "conv12", 10)
     copy_of_start = copy.deepcopy(model)
-    probe = MuProbe(model, args, CPU_ONLY, "conv12", batches, 10, full_macs, search_lrs=[1.0] * 10)
+    probe = MuProbe(model, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, search_lrs=[1.0] * 10)
     predicted = probe(mu)
 
     run_proxsgd(copy_of_start, args, mu, batches)
@@ -138,11 +144,11 @@ def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet1
     batches = tiny_batches(4)
     full_macs = mask_macs("resnet18", compute_mask(resnet18, 1e-6), "conv12", 10)
     start = copy.deepcopy(resnet18.state_dict())
-    long_search = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, [0.05] * 1000)
+    long_search = MuProbe(resnet18, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, [0.05] * 1000)
     predicted = long_search(1.5)
     assert predicted.share < 0.9
     # With only 2 steps left, a filter with a zero prox keeps 0.95**2 of its norm: not pruned.
-    short_search = MuProbe(resnet18, args, CPU_ONLY, "conv12", batches, 10, full_macs, [0.05] * 6)
+    short_search = MuProbe(resnet18, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, [0.05] * 6)
     assert short_search(1.5).share == 1.0
     # The probe left the model as it found it ...
     for key, value in resnet18.state_dict().items():
@@ -244,7 +250,9 @@ def test_a_search_with_a_target_lands_its_compressed_model_on_the_budget(tmp_pat
     budget = info["budget"]
     assert 1 <= len(budget["probes"]) <= 4 and len(re.findall("budget probe: mu", log)) == len(budget["probes"])
     assert budget["mu"] in [probe["mu"] for probe in budget["probes"]]
-    assert info["args"]["weight_decay"] == budget["mu"]  # the search ran with the chosen mu
+    assert info["args"]["mu"] == 0.05  # the flag as given: the chosen mu is a result, in "budget"
+    assert info["optimizer"]["mu"] == budget["mu"]  # the search ran with the chosen mu
+    assert f"mu {budget['mu']}" in log
     full_macs = mask_macs("resnet18", compute_mask(torchvision.models.resnet18(num_classes=10)), "conv12", 10)
     assert budget["target_macs"] == round(0.6 * full_macs)
     small, _ = load_mask(folder / "mask_conv12_1e-06.json", "resnet18", "conv12")

@@ -24,9 +24,9 @@ def test_search_register_retrain_chain(scope, baseline, registry, tmp_path):
     assert {"run_info.json", "_log.txt", "checkpoint.pth.tar", "model_best.pth.tar",
             f"mask_{scope}_1e-06.json", f"small_model_{scope}_1e-06.pth.tar"} <= names
     assert any(name.startswith("events.out.tfevents") for name in names)
-    stored = json.loads((folder / "run_info.json").read_text())["args"]
-    assert stored["weight_decay"] == 2.5
-    assert stored["layer_adaptive"] is (scope == "conv12")  # as in the original's two scripts
+    info = json.loads((folder / "run_info.json").read_text())
+    assert info["args"]["mu"] == 2.5 == info["optimizer"]["mu"]  # --weight_decay: the original's spelling of --mu
+    assert info["optimizer"]["layer_adaptive"] is (scope == "conv12")  # as in the original's two scripts
     log = (folder / "_log.txt").read_text()
     assert ("mu 2.5, 2x in layer2 and layer3, full model" in log) is (scope == "conv12")
     assert f"loaded pretrained weights from {baseline}" in log  # logged before the folder existed
