@@ -4,7 +4,7 @@ glibc's malloc serves a block above its mmap threshold (at most 32 MiB) with a f
 ``mmap`` and gives it back with ``munmap`` when it is freed. A ResNet's activations at
 224x224 are that large from batch 11 on (layer1's at batch 32: 32 x 256 x 56 x 56 floats,
 103 MB), so every step maps them anew and the kernel zeroes every page again on first
-touch. Measured on the team's CPU (BENCHMARKS.md, "Freed memory"), keeping that memory
+touch. Measured on the team's CPU (docs/benchmarks-history.md, "Freed memory"), keeping that memory
 about doubles the CPU training img/s at batch 32, 224x224, and the eager inference speed
 of ResNet-50, and lifts the compressed model's inference speedup over the full one.
 
