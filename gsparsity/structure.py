@@ -11,6 +11,15 @@ only the channels of group g of the conv before it, so that conv and the grouped
 conv form one *tied* pair, pruned in units of ``channels per group`` channels, unit g
 of both at once. Removing unit g then removes one group of the grouped conv, and the
 compressed model is a narrower grouped conv with fewer groups of the same width.
+
+The interface the rest of the tool prunes through is ``prunable_convs(model, scope)`` and
+``pruning_groups(model, scope)``: lists of ``PrunableConv`` records naming each conv, its
+BatchNorm and its consumer. ProxSGD's groups, masks, the budget and the channel plan read only
+those records, so another way of finding them (a traced graph of any CNN, say) can replace the
+module walk below by returning the same records. Building the small model and transferring
+its weights (``pruned_resnet``, ``compression``), counting its MACs by arithmetic
+(``mask_macs``) and ``--rescale-filters`` (``filter_norms``) still walk ResNet blocks
+themselves (``residual_blocks``, ``branch_chain``).
 """
 from __future__ import annotations
 
