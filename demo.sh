@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install, then run the whole GSparsity workflow on the demo digits (scikit-learn's
 # handwritten digits, no download): baseline -> search -> register -> retrain.
-# 4 to 10 minutes on 2 CPU cores (README). Everything goes under experiments/demo/ (its own
+# 6-7 minutes on 2 idle CPU cores (README). Everything goes under experiments/demo/ (its own
 # registry included), so the repository's list_of_models.py is left alone.
 set -euo pipefail
 cd "$(dirname "$0")"
