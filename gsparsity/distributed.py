@@ -110,22 +110,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> None:
-    """Fill in what spawned processes need to find each other on one node."""
+@dataclass(frozen=True)
+class SpawnPlan:
+    """Where the processes this node spawns sit in the run (one per GPU)."""
+
+    node_rank: int
+    world_size: int  # processes of the whole run: nodes x GPUs per node
+
+
+def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> SpawnPlan:
+    """What spawned processes need to find each other: the rendezvous on this node, and their
+    places in the run. ``args`` is left as parsed: run_info.json keeps the flags as typed, and a
+    resumed run would otherwise multiply a stored total again."""
     if args.dist_url == "env://":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    nodes = max(args.world_size, 1)
-    args.node_rank = max(args.rank, 0)
-    # Not written into args.world_size: run_info.json keeps the flags as typed, and a
-    # resumed run would multiply the stored total again.
-    args.spawned_world_size = nodes * gpus_per_node
+    return SpawnPlan(node_rank=max(args.rank, 0), world_size=max(args.world_size, 1) * gpus_per_node)
 
 
-def setup(args: argparse.Namespace, local_index: int | None = None) -> DistContext:
-    """Join the process group (if any) and pick this process's device."""
+def setup(args: argparse.Namespace, local_index: int | None = None, plan: SpawnPlan | None = None) -> DistContext:
+    """Join the process group (if any) and pick this process's device (``local_index`` and
+    ``plan``: a process this node spawned)."""
     device_type = resolve_device_type(args.device)
-    rank, world_size, local_rank = process_place(args, local_index)
+    rank, world_size, local_rank = process_place(args, local_index, plan)
     if args.batch_size < world_size:  # refused by every process alike, before any of them waits
         raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
                         f"({world_size}); it is the global batch, split across them")
@@ -135,7 +142,8 @@ def setup(args: argparse.Namespace, local_index: int | None = None) -> DistConte
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def process_place(args: argparse.Namespace, local_index: int | None) -> tuple[int, int, int]:
+def process_place(args: argparse.Namespace, local_index: int | None,
+                  plan: SpawnPlan | None = None) -> tuple[int, int, int]:
     """(rank, world size, local rank) of this process: from torchrun's environment, from
     this node's spawning, or a lone process."""
     if launched_by_torchrun():
@@ -144,8 +152,8 @@ def process_place(args: argparse.Namespace, local_index: int | None) -> tuple[in
             raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
                             f"LOCAL_RANK; leave --gpu out")
         return rank, world_size, int(os.environ["LOCAL_RANK"])
-    if local_index is not None:  # spawned by this node, one process per GPU
-        return args.node_rank * torch.cuda.device_count() + local_index, args.spawned_world_size, local_index
+    if local_index is not None and plan is not None:  # spawned by this node, one process per GPU
+        return plan.node_rank * torch.cuda.device_count() + local_index, plan.world_size, local_index
     return 0, 1, 0
 
 

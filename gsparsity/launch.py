@@ -77,9 +77,10 @@ def renamed(stored: dict, former_names: dict[str, str]) -> dict:
     return current
 
 
-def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace) -> None:
+def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace,
+               plan: distributed.SpawnPlan | None = None) -> None:
     with catching_stop_signals():
-        ctx = distributed.setup(args, local_index)
+        ctx = distributed.setup(args, local_index, plan)
         try:
             workflow(args, ctx)
         except RuntimeError as error:
@@ -107,14 +108,16 @@ def exit_cleanly(prefix: str) -> Iterator[None]:
         sys.exit(EXIT_PROCESS_GROUP)
 
 
-def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace) -> None:
+def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace,
+                   plan: distributed.SpawnPlan) -> None:
     with exit_cleanly(prefix=f"[process {local_index}] "):
-        run_worker(local_index, workflow, args)
+        run_worker(local_index, workflow, args, plan)
 
 
-def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int) -> None:
+def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int,
+                  plan: distributed.SpawnPlan) -> None:
     """One process per GPU; a stop signal sent to this parent is passed on to them."""
-    context = mp.start_processes(spawned_worker, args=(workflow, args), nprocs=processes,
+    context = mp.start_processes(spawned_worker, args=(workflow, args, plan), nprocs=processes,
                                  join=False, start_method="spawn")
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -152,8 +155,8 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
             validate_args(args, kind)
             processes = distributed.processes_to_spawn(args)
             if processes:
-                distributed.prepare_spawn(args, processes)
-                spawn_workers(workflow, args, processes)
+                plan = distributed.prepare_spawn(args, processes)
+                spawn_workers(workflow, args, processes, plan)
             else:
                 run_worker(None, workflow, args)
     except KeyboardInterrupt:

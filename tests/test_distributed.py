@@ -126,6 +126,20 @@ def test_a_plain_launch_spawns_one_process_per_gpu_and_joins_other_nodes_even_wi
     assert distributed.processes_to_spawn(args) == spawned
 
 
+def test_spawned_processes_get_their_places_from_the_plan_and_the_flags_stay_as_typed(monkeypatch):
+    """Node 1 of 2, 4 GPUs each: its processes are ranks 4-7 of 8. The flags are not rewritten,
+    so run_info.json keeps --world-size 2 and a resumed run does not multiply it again."""
+    pretend_gpus(monkeypatch, 4)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
+    typed = dict(vars(args))
+    plan = distributed.prepare_spawn(args, distributed.processes_to_spawn(args))
+    assert vars(args) == typed
+    assert [distributed.process_place(args, index, plan) for index in range(4)] == [
+        (4, 8, 0), (5, 8, 1), (6, 8, 2), (7, 8, 3)]
+
+
 @pytest.mark.parametrize("flags, environment, refusal", [
     (["--dist-url", "tcp://127.0.0.1:29500"], {}, r"give each node its --rank, 0 to 1 \(got -1\)"),
     (["--rank", "2", "--dist-url", "tcp://127.0.0.1:29500"], {}, r"give each node its --rank, 0 to 1 \(got 2\)"),
