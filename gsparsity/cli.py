@@ -191,9 +191,9 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
     positive("print-freq", args.print_freq)
     positive("lr-step", args.lr_step)
     positive("dist-timeout", args.dist_timeout)
-    decay = ("mu/--weight_decay", args.mu) if kind == "search" else ("weight_decay", args.weight_decay)
-    if not (decay[1] >= 0 and math.isfinite(decay[1])):
-        raise UserError(f"--{decay[0]} must be >= 0, got {decay[1]}")
+    flag, decay = ("mu/--weight_decay", args.mu) if kind == "search" else ("weight_decay", args.weight_decay)
+    if not (decay >= 0 and math.isfinite(decay)):
+        raise UserError(f"--{flag} must be >= 0, got {decay}")
     if not 0 <= args.momentum < 1 + 1e-12:
         raise UserError(f"--momentum must be in [0, 1], got {args.momentum}")
     if args.workers < 0:

@@ -152,7 +152,7 @@ def process_place(args: argparse.Namespace, local_index: int | None,
             raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
                             f"LOCAL_RANK; leave --gpu out")
         return rank, world_size, int(os.environ["LOCAL_RANK"])
-    if local_index is not None and plan is not None:  # spawned by this node, one process per GPU
+    if local_index is not None:  # spawned by this node, one process per GPU, with the node's plan
         return plan.node_rank * torch.cuda.device_count() + local_index, plan.world_size, local_index
     return 0, 1, 0
 
