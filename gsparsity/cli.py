@@ -135,6 +135,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             help="how the budget mask ranks filters: layer (the share of its starting norm a filter "
                  "kept, over its layer's median) or global (that share alone, which empties whole "
                  "layers first)")
+        add("--settle-epochs", default=0, type=int, metavar="N",
+            help="with --target-macs: make the budget's mask final N epochs before the end and train "
+                 "those epochs without the filters it cuts, so that the search ends with its compressed "
+                 "model exact and adapted; 0: cut when the search ends")
         add("--register", default=None, metavar="NAME",
             help="add the result to the model registry under NAME when the search ends")
         add("--bn-calibration-images", default=256, type=int, metavar="N",
@@ -220,6 +224,11 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
             parse_target(args.target_macs)
         if args.bn_calibration_images < 0:
             raise UserError(f"--bn-calibration-images must be >= 0, got {args.bn_calibration_images}")
+        if not 0 <= args.settle_epochs < args.epochs:
+            raise UserError(f"--settle-epochs must be >= 0 and less than --epochs ({args.epochs}), "
+                            f"got {args.settle_epochs}")
+        if args.settle_epochs and args.target_macs is None:
+            raise UserError("--settle-epochs trains without the filters a budget cuts: give --target-macs too")
         if args.budget_steps < 2:
             raise UserError(f"--budget-steps must be >= 2, got {args.budget_steps}")
         if args.budget_probes < 1:

@@ -21,6 +21,7 @@ from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
 from .errors import UserError
 from .experiment import open_experiment, read_run_info, timestamp, write_run_info
+from .settle import CutFilters
 from .compression import compress_model, save_compressed_model
 from .masks import Mask, compute_mask
 from .registry import check_can_register, register_experiment, registers_itself, registry_file
@@ -74,12 +75,20 @@ class EpochEnd:
         self.calibration = (calibration_loader(run.loaders.train.dataset, images, run.loaders.train.batch_size,
                                                run.ctx) if images else None)
         self.calibration_images = 0
+        self.cut: CutFilters | None = None
+        settled_mask = run.extra_checkpoint.get("settled_mask")
+        if settled_mask is not None and run.start_epoch < run.args.epochs:  # resumed while settling
+            self.cut = CutFilters(run.plain_model, settled_mask, scope, resumed=True)
 
     def __call__(self, epoch: int, val) -> None:
         run, args = self.run, self.run.args
+        if self.cut is not None and epoch + 1 == args.epochs:
+            self.cut.finish()  # the cut filters become zero filters: exact compression
         by_threshold = compute_mask(run.plain_model, args.pruning_threshold, self.scope, args.round_to)
         mask = by_threshold
-        if self.goal_macs is not None:
+        if self.cut is not None:
+            mask = self.cut.mask
+        elif self.goal_macs is not None:
             mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes,
                                self.norms_at_start)
         check_ranks_agree(mask, run.ctx)
@@ -87,6 +96,8 @@ class EpochEnd:
         small = compress_model(run.plain_model, mask, self.scope, arch=args.arch,
                                check_input=self.check_batch)
         accuracy = self.evaluate_compressed(small)
+        if args.settle_epochs and epoch + 1 == args.epochs - args.settle_epochs:
+            self.settle(epoch, mask)
         if not run.ctx.is_main:
             return
         self.log_sparsity(epoch, by_threshold)
@@ -106,6 +117,15 @@ class EpochEnd:
                               val_top1_recalibrated=accuracy.get("recalibrated"))
         if epoch + 1 == args.epochs:
             save_other_thresholds(run, self.scope, self.check_batch, val.top1, self.full_macs)
+
+    def settle(self, epoch: int, mask: Mask) -> None:
+        """Make ``mask`` final and train the last epochs without the filters it cuts (module ``settle``)."""
+        run = self.run
+        self.cut = CutFilters(run.plain_model, mask, self.scope)
+        run.extra_checkpoint["settled_mask"] = mask
+        if run.ctx.is_main:
+            log.info(f"epoch {epoch}: this budget mask is final; the network trains without the filters it "
+                     f"cuts for the last {run.args.settle_epochs} epoch(s)")
 
     def evaluate_compressed(self, small: torch.nn.Module) -> dict[str, float]:
         """Val top-1 of the compressed model with the BatchNorm statistics it inherited, and
@@ -238,7 +258,7 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         prox = prox.with_mu(budget["mu"])
     optimizer = search_optimizer(model, prox)
     # The budget's mask ranks filters by how much of these norms they keep; checkpoints carry them.
-    extra = {"norms_at_start": start_norms(model, scope)} if args.target_macs is not None else {}
+    extra = {"norms_at_start": start_norms(model, scope), "settled_mask": None} if args.target_macs is not None else {}
     run = start_run(args, ctx, folder, model, optimizer, loaders, extra_checkpoint=extra)
     if args.evaluate:
         metrics = evaluate_only(run)
