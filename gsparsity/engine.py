@@ -29,6 +29,22 @@ from .stopping import StepGuard, StopRequested
 log = logging.getLogger("gsparsity")
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """The flags the step loops read (:func:`train_one_epoch`, :func:`validate`)."""
+
+    amp: bool = False
+    channels_last: bool = False
+    print_freq: int = 10  # steps between progress lines (and between stop-signal checks)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    skip_nonfinite: int = 0  # steps with a non-finite loss to skip before stopping
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LoopSettings":
+        return cls(amp=args.amp, channels_last=args.channels_last, print_freq=args.print_freq,
+                   checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite)
+
+
 @dataclass
 class EpochMetrics:
     loss: float
@@ -146,20 +162,19 @@ def log_progress(bar: Iterable, sums: MetricSums, ctx: DistContext, started: flo
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, args: argparse.Namespace,
+                    scaler: torch.amp.GradScaler | None, ctx: DistContext, epoch: int, settings: LoopSettings,
                     guard: StepGuard | None = None, first_step: int = 0,
                     save_progress: Callable[[int], None] | None = None) -> EpochMetrics:
     """Train one epoch, from ``first_step`` on if it was partly done before.
 
-    ``save_progress(steps_done)`` saves a mid-epoch checkpoint every ``args.checkpoint_every``
+    ``save_progress(steps_done)`` saves a mid-epoch checkpoint every ``settings.checkpoint_every``
     steps. Raises :class:`StopRequested` after the step at which every process agreed to
     stop for a signal (the caller saves the checkpoint), and UserError for a non-finite
     loss or an unreadable image (``--bad-images stop``), before any further checkpoint."""
-    guard = guard or StepGuard(ctx, StepGuard.check_interval(ctx, args.print_freq),
-                               getattr(args, "skip_nonfinite", 0))
+    guard = guard or StepGuard(ctx, StepGuard.check_interval(ctx, settings.print_freq), settings.skip_nonfinite)
     total_steps = first_step + len(loader)
     guard.start_epoch(epoch, total_steps, image_folder_of(loader))
-    checkpoint_every = getattr(args, "checkpoint_every", 0) if save_progress is not None else 0
+    checkpoint_every = settings.checkpoint_every if save_progress is not None else 0
     model.train()
     sums = MetricSums(ctx.device)
     scaler_skips = torch.zeros((), dtype=torch.int64, device=ctx.device)
@@ -169,8 +184,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
     fetch_started = time.perf_counter()
     for step, (images, target) in enumerate(bar, start=first_step):
         data_seconds += time.perf_counter() - fetch_started
-        images, target = to_device(images, target, ctx.device, args.channels_last)
-        with autocast(ctx.device, args.amp):
+        images, target = to_device(images, target, ctx.device, settings.channels_last)
+        with autocast(ctx.device, settings.amp):
             output = model(images)
             loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +196,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
             sums.add(loss, output, target)
             guard.watch(loss, step)
         steps_done = step + 1
-        if steps_done % args.print_freq == 0 or steps_done == total_steps:
+        if steps_done % settings.print_freq == 0 or steps_done == total_steps:
             log_progress(bar, sums, ctx, started, data_seconds, f"epoch {epoch} [{steps_done}/{total_steps}]",
                          optimizer.param_groups[0]["lr"])
         checkpoint_due = checkpoint_every > 0 and steps_done % checkpoint_every == 0
@@ -220,14 +235,14 @@ def settle_unreadable_images(loader: DataLoader, ctx: DistContext, what: str) ->
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, ctx: DistContext, args: argparse.Namespace,
+def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, ctx: DistContext, settings: LoopSettings,
              description: str = "val") -> EpochMetrics:
     model.eval()
     sums = MetricSums(ctx.device)
     started = time.perf_counter()
     for images, target in progress(loader, ctx, description, len(loader)):
-        images, target = to_device(images, target, ctx.device, args.channels_last)
-        with autocast(ctx.device, args.amp):
+        images, target = to_device(images, target, ctx.device, settings.channels_last)
+        with autocast(ctx.device, settings.amp):
             output = model(images)
             loss = criterion(output, target)
         sums.add(loss.float(), output.float(), target)

@@ -134,12 +134,12 @@ class EpochEnd:
         run, args = self.run, self.run.args
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         small = small.to(memory_format=memory_format)
-        accuracy = {"compressed": validate(small, run.loaders.val, run.criterion, run.ctx, args).top1}
+        accuracy = {"compressed": validate(small, run.loaders.val, run.criterion, run.ctx, run.loop).top1}
         if self.calibration is not None:
             calibrated = copy.deepcopy(small)
             self.calibration_images = recalibrate_batchnorm(calibrated, self.calibration, run.ctx,
                                                             args.channels_last, args.amp)
-            accuracy["recalibrated"] = validate(calibrated, run.loaders.val, run.criterion, run.ctx, args).top1
+            accuracy["recalibrated"] = validate(calibrated, run.loaders.val, run.criterion, run.ctx, run.loop).top1
         small.train()
         return accuracy
 

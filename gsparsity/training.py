@@ -25,7 +25,7 @@ from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove
                          restore_rng_state)
 from .data import Loaders, build_loaders, start_epoch
 from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
-from .engine import EpochMetrics, make_scaler, train_one_epoch, validate
+from .engine import EpochMetrics, LoopSettings, make_scaler, train_one_epoch, validate
 from .errors import UserError
 from .experiment import Scalars, start_logging
 from .models import build_model, load_pretrained
@@ -57,6 +57,7 @@ class Run:
     resume_rng: dict[str, Any] | None = None  # random state of a mid-epoch checkpoint
     best_acc1: float = 0.0
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)  # e.g. the mask of a small model
+    loop: LoopSettings = field(default_factory=LoopSettings)  # what the step loops read of the flags
 
 
 def seed_everything(seed: int) -> None:
@@ -263,7 +264,7 @@ def train_epoch(run: Run, epoch: int, guard: StepGuard) -> EpochMetrics:
     seed_epoch(run, epoch, first_step)
     try:
         return train_one_epoch(run.model, run.loaders.train, run.criterion, run.optimizer, run.scaler,
-                               run.ctx, epoch, run.args, guard=guard, first_step=first_step,
+                               run.ctx, epoch, run.loop, guard=guard, first_step=first_step,
                                save_progress=lambda steps_done: save_checkpoint(run, epoch, steps_done))
     except StopRequested as stop:
         stop_for_signal(run, epoch, stop.steps_done, stop.signal_name)
@@ -272,8 +273,7 @@ def train_epoch(run: Run, epoch: int, guard: StepGuard) -> EpochMetrics:
 def fit(run: Run, on_epoch_end: EpochHook | None = None) -> None:
     """Train from ``run.start_epoch`` to ``args.epochs``, validating and checkpointing each epoch."""
     args = run.args
-    guard = StepGuard(run.ctx, StepGuard.check_interval(run.ctx, args.print_freq),
-                      getattr(args, "skip_nonfinite", 0))
+    guard = StepGuard(run.ctx, StepGuard.check_interval(run.ctx, run.loop.print_freq), run.loop.skip_nonfinite)
     try:
         for epoch in range(run.start_epoch, args.epochs):
             run_epoch(run, epoch, guard, on_epoch_end)
@@ -291,7 +291,7 @@ def run_epoch(run: Run, epoch: int, guard: StepGuard, on_epoch_end: EpochHook | 
     check_weights_finite(run, epoch, guard.total_steps)  # before validation and the epoch hook
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
-    val = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.args)
+    val = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.loop)
     is_best = val.top1 > run.best_acc1
     run.best_acc1 = max(run.best_acc1, val.top1)
     report_epoch(run, epoch, train, val, lr)
@@ -328,7 +328,8 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
               plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
-              criterion=make_criterion(args), start_epoch=args.start_epoch, **extra)
+              criterion=make_criterion(args), start_epoch=args.start_epoch, loop=LoopSettings.from_args(args),
+              **extra)
     if checkpoint is not None:
         restore(run, checkpoint)
         if ctx.is_main:
@@ -340,6 +341,6 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
 
 
 def evaluate_only(run: Run, what: str = "validation") -> EpochMetrics:
-    metrics = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.args)
+    metrics = validate(run.model, run.loaders.val, run.val_criterion, run.ctx, run.loop)
     report_validation(metrics, what)
     return metrics

@@ -1,5 +1,4 @@
 """--distill: the retrain learns from the unpruned model too (gsparsity/distill.py)."""
-import argparse
 import hashlib
 import json
 import math
@@ -14,6 +13,7 @@ from test_cli import RETRAIN, fails_with
 from torch import nn
 
 from gsparsity import engine
+from gsparsity.engine import LoopSettings
 from gsparsity.checkpoint import load_checkpoint
 from gsparsity.distill import DistillationLoss, distillation_loss, load_teacher
 from gsparsity.distributed import DistContext
@@ -100,7 +100,7 @@ def test_the_teacher_keeps_its_weights_and_statistics_and_stays_out_of_the_optim
     criterion.watch(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5, momentum=0.9)
     batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
-    args = argparse.Namespace(channels_last=False, amp=False, print_freq=1)
+    args = LoopSettings(print_freq=1)
     student_before = student[0].weight.clone()
     criterion.train()  # whatever is switched to training, the teacher is not
     engine.train_one_epoch(student, batches, criterion, optimizer, None, CPU, 0, args)

@@ -8,7 +8,6 @@ the tests count those operations on the CPU, where the same code runs them.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import time
 
@@ -19,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
 from gsparsity import engine
+from gsparsity.engine import LoopSettings
 from gsparsity.distributed import DistContext
 from gsparsity.stopping import StepGuard
 from proxsgd import ProxSGD, group_model_parameters
@@ -57,7 +57,7 @@ def host_traffic_of_an_epoch(steps: int, monkeypatch: pytest.MonkeyPatch) -> int
     optimizer = ProxSGD(group_model_parameters(model, mu=0.01), lr=0.1, adaptive_lr=True,
                         normalization="div")
     batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 2])) for _ in range(steps)]
-    args = argparse.Namespace(channels_last=False, amp=False, print_freq=1000)
+    args = LoopSettings(print_freq=1000)
     guard = StepGuard(CPU, check_every=1000)
     with monkeypatch.context() as patch, HostTraffic(patch) as traffic:
         engine.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, None, CPU, 0, args,
@@ -131,7 +131,7 @@ def data_share_of_an_epoch(loader, captured_log) -> tuple[int, engine.EpochMetri
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(3))
     model(torch.randn(1, 3, 8, 8))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = argparse.Namespace(channels_last=False, amp=False, print_freq=2)
+    args = LoopSettings(print_freq=2)
     metrics = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, None, CPU, 0, args)
     progress = [line for line in captured_log.lines if line.startswith("epoch 0 [4/4]")]
     share = re.search(r" data (\d+)% ", progress[-1])

@@ -25,6 +25,7 @@ from torchvision import transforms
 import main_reduce_retrain_conv12
 import main_search_conv12
 from gsparsity import engine
+from gsparsity.engine import LoopSettings
 from gsparsity.checkpoint import atomic_save, load_checkpoint, remove_stale_temp_files
 from gsparsity.data import CheckedImageFolder, build_loaders, start_epoch
 from gsparsity.distributed import DistContext, free_port
@@ -280,7 +281,7 @@ def tiny_training(skip_nonfinite: int = 0, steps: int = 3):
     model = nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = [(torch.randn(2, 4), torch.tensor([0, 2])) for _ in range(steps)]
-    args = argparse.Namespace(channels_last=False, amp=False, print_freq=1)
+    args = LoopSettings(print_freq=1)
     guard = StepGuard(CPU, check_every=1, skip_nonfinite=skip_nonfinite)
     return model, optimizer, batches, args, guard
 

@@ -118,8 +118,8 @@ def test_label_smoothing_makes_the_training_loss_torchs_smoothed_cross_entropy_a
     plain = -log_p[range(5), target].mean().item()
     setup_logging(None, CPU)  # to this test's stdout (an earlier in-process run may have logged to its own)
     run = start_run(args, CPU, None, model, torch.optim.SGD(model.parameters(), lr=0.1), loaders=None)
-    assert validate(model, [(images, target)], run.val_criterion, CPU, args).loss == pytest.approx(plain, rel=1e-6)
-    trained = train_one_epoch(run.model, [(images, target)], run.criterion, run.optimizer, None, CPU, 0, args)
+    assert validate(model, [(images, target)], run.val_criterion, CPU, run.loop).loss == pytest.approx(plain, rel=1e-6)
+    trained = train_one_epoch(run.model, [(images, target)], run.criterion, run.optimizer, None, CPU, 0, run.loop)
     assert trained.loss == pytest.approx(smoothed, rel=1e-6)  # of the batch before the step
     assert abs(smoothed - plain) > 0.01
 
