@@ -22,16 +22,16 @@ BASELINE=$(ls -d "$OUT"/original_resnet50_*_"$RUN")/model_best.pth.tar
 # steps: a filter whose prox is zero only decays by (1 - lr) per step. The demo has ~90, so it
 # takes larger non-adaptive steps, prunes BN and filter together (--group channel) and lands
 # on half the MACs with the budget mask, which ranks each filter against its own layer.
-# The retrain then starts from the baseline's weights of the filters the search kept
-# (--inherit start), not from the search's shrunk ones: bench/quality.py measured both
-# (BENCHMARKS.md, "Quality").
+# Its last epoch trains without the filters that mask cuts (--settle-epochs 1, cosine lr), so
+# the search ends with an exact compressed model that kept its accuracy, and the retrain
+# starts from the search's weights: bench/quality.py measured that best (BENCHMARKS.md, "Quality").
 echo "== 2/3 search: ProxSGD shrinks conv1/conv2 filters; compress to 50% of the MACs; register as demo_${RUN//-/_}"
 $PY main_search_conv12.py "${DATA[@]}" --pretrained="$BASELINE" -b 64 --epochs 4 \
     --lr 0.05 --no-adaptive_lr --normalization none --weight_decay 0.1 --group channel \
     --pruning_threshold 1e-3 --target-macs 50% --budget-ranking layer --budget-steps 2 --budget-probes 1 \
-    --bn-calibration-images 128 \
+    --bn-calibration-images 128 --lr-scheduler cosine --settle-epochs 1 \
     --register "demo_${RUN//-/_}" --registry "$OUT/list_of_models.py" --run_id "$RUN"
 
 echo "== 3/3 retrain the compressed model"
 $PY main_reduce_retrain_conv12.py "${DATA[@]}" -b 64 --epochs 20 --lr 0.02 --lr-scheduler cosine \
-    --inherit start --baseline_model "demo_${RUN//-/_}" --registry "$OUT/list_of_models.py"
+    --baseline_model "demo_${RUN//-/_}" --registry "$OUT/list_of_models.py"
