@@ -45,6 +45,10 @@ def fails_with(capsys, script, argv, message):
     (["--budget-steps", "1"], "--budget-steps must be >= 2"),
     (["--budget-probes", "0"], "--budget-probes must be >= 1"),
     (["--budget-tolerance", "-1"], "--budget-tolerance must be >= 0"),
+    (["--target-macs", "50%", "--settle-epochs", "1"], "--settle-epochs must be >= 0 and less than --epochs (1), got 1"),
+    (["--target-macs", "50%", "--settle-epochs", "-1"], "--settle-epochs must be >= 0 and less than --epochs"),
+    (["--epochs", "2", "--settle-epochs", "1"], "--settle-epochs trains without the filters a budget cuts: "
+                                                "give --target-macs too"),
 ])
 def test_search_refuses_nonsense_numbers(capsys, tmp_path, flags, message):
     fails_with(capsys, SEARCH, [*TINY, "--path_to_save", str(tmp_path), *flags], message)
