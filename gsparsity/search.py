@@ -131,14 +131,14 @@ class EpochEnd:
         """Val top-1 of the compressed model with the BatchNorm statistics it inherited, and
         (unless ``--bn-calibration-images 0``) of a copy whose statistics are re-estimated on
         training images: the trained statistics trail weights that ProxSGD keeps shrinking."""
-        run, args = self.run, self.run.args
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        run = self.run
+        memory_format = torch.channels_last if run.loop.channels_last else torch.contiguous_format
         small = small.to(memory_format=memory_format)
         accuracy = {"compressed": validate(small, run.loaders.val, run.criterion, run.ctx, run.loop).top1}
         if self.calibration is not None:
             calibrated = copy.deepcopy(small)
             self.calibration_images = recalibrate_batchnorm(calibrated, self.calibration, run.ctx,
-                                                            args.channels_last, args.amp)
+                                                            run.loop.channels_last, run.loop.amp)
             accuracy["recalibrated"] = validate(calibrated, run.loaders.val, run.criterion, run.ctx, run.loop).top1
         small.train()
         return accuracy

@@ -1,14 +1,10 @@
 """--settle-epochs: the search makes the budget's mask final before it ends and trains its last
 epochs without the filters it cuts, so that it ends with them as zero filters and its compressed
 model is exact."""
-import os
-import signal
-
 import pytest
 import torch
 
 import main_search_conv12
-from gsparsity import engine
 from gsparsity.checkpoint import load_checkpoint
 from gsparsity.compression import compress_model, compressed_model_file
 from gsparsity.masks import compute_mask, load_mask
@@ -18,6 +14,7 @@ from gsparsity.structure import prunable_convs
 from gsparsity.training import CHECKPOINT
 from scripts import main_in_process, only_folder
 from test_compression import full_model, random_mask
+from test_reliability import same_weights, sigterm_at
 
 SEARCH = ("search", main_search_conv12.workflow)
 
@@ -78,19 +75,13 @@ def test_a_settled_search_ends_with_an_exact_compressed_model_and_resumes_while_
         assert torch.count_nonzero(weights["state_dict"][f"{name}.weight"][~row]) == 0, name
 
     # Stopped by SIGTERM while settling, then resumed: the weights of the straight run.
-    log_progress = engine.log_progress
-
-    def then_signal(bar, sums, ctx, started, data_seconds, line_start, lr):
-        log_progress(bar, sums, ctx, started, data_seconds, line_start, lr)
-        if line_start == "epoch 1 [2/4]":
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(engine, "log_progress", then_signal)
+    sigterm_at("epoch 1 [2/4]", monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main_in_process(*SEARCH, [*QUICK, "--path_to_save", str(tmp_path / "stopped")])
     assert exit_info.value.code == EXIT_PREEMPTED
     monkeypatch.undo()
     stopped = only_folder(tmp_path / "stopped", "conv12_*")
-    assert (load_checkpoint(stopped / CHECKPOINT)["epoch"], load_checkpoint(stopped / CHECKPOINT)["step"]) == (1, 2)
+    saved = load_checkpoint(stopped / CHECKPOINT)
+    assert (saved["epoch"], saved["step"]) == (1, 2)
     main_in_process(*SEARCH, ["--resume", str(stopped)])
-    resumed = load_checkpoint(stopped / CHECKPOINT)["state_dict"]
-    assert [key for key, value in weights["state_dict"].items() if not torch.equal(resumed[key], value)] == []
+    assert same_weights(stopped, straight) == []
