@@ -167,7 +167,8 @@ class MuProbe:
                 with autocast(self.ctx.device, args.amp):
                     loss = criterion(self.model(images), target)
                 optimizer.zero_grad(set_to_none=True)
-                skipped = backward_and_step(loss, optimizer, scaler, before_step=average)
+                skipped = backward_and_step(loss, optimizer, scaler, before_step=average,
+                                            clip_grad_norm=args.clip_grad_norm)
                 if step >= counted_from and not (skipped is not None and bool(skipped)):
                     counted += 1
                     for name, zero in optimizer.zero_prox_filters().items():

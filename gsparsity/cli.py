@@ -104,6 +104,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     add("--skip-nonfinite", default=0, type=int, metavar="N",
         help="skip up to N steps whose loss is nan/inf (no update) before stopping; "
              "costs a host sync per step on CUDA")
+    add("--clip-grad-norm", default=0.0, type=float, metavar="NORM",
+        help="scale each step's gradients down to a total L2 norm of at most NORM, so that one "
+             "outlier batch cannot throw a small-data run off; 0 (default): no clipping, as the original")
     add("--bad-images", default="stop", choices=("stop", "skip"),
         help="an unreadable image file: stop, naming it; or skip it (replaced by the next "
              "readable image), with a count per epoch")
@@ -208,6 +211,8 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
+    if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
+        raise UserError(f"--clip-grad-norm must be >= 0 (0: off), got {args.clip_grad_norm}")
     if args.subset is not None and args.subset < 1:
         raise UserError(f"--subset must be >= 1, got {args.subset}")
     if args.data is None and not args.dummy:

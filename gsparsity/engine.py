@@ -38,11 +38,13 @@ class LoopSettings:
     print_freq: int = 10  # steps between progress lines (and between stop-signal checks)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     skip_nonfinite: int = 0  # steps with a non-finite loss to skip before stopping
+    clip_grad_norm: float = 0.0  # largest total gradient norm a step takes; 0: no clipping
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoopSettings":
         return cls(amp=args.amp, channels_last=args.channels_last, print_freq=args.print_freq,
-                   checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite)
+                   checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite,
+                   clip_grad_norm=args.clip_grad_norm)
 
 
 @dataclass
@@ -132,13 +134,19 @@ def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler | None,
-                      before_step: Callable[[], None] | None = None) -> torch.Tensor | None:
+                      before_step: Callable[[], None] | None = None,
+                      clip_grad_norm: float = 0.0) -> torch.Tensor | None:
     """One update. With a GradScaler: a device flag, 1 if it skipped the step (inf/nan
     gradients), read from its scale, which drops exactly then (no host sync).
-    ``before_step`` runs between the backward pass and the step (e.g. to average gradients)."""
+    ``before_step`` runs between the backward pass and the step (e.g. to average gradients);
+    then, with ``clip_grad_norm`` > 0, the gradients are scaled down to at most that total norm."""
     (loss if scaler is None else scaler.scale(loss)).backward()
     if before_step is not None:
         before_step()
+    if clip_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        clip_gradients(optimizer, clip_grad_norm)
     if scaler is None:
         optimizer.step()
         return None
@@ -147,6 +155,15 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     scale_before = scaler._get_scale_async().clone()
     scaler.update()
     return (scaler._get_scale_async() < scale_before).to(torch.int64)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Scale every gradient the optimizer will use by one factor, so that their total L2
+    norm is at most ``max_norm``; returns the norm before (a device tensor: no host sync).
+    Under DDP the gradients are already averaged, so every process scales alike."""
+    gradients = [parameter for group in optimizer.param_groups for parameter in group["params"]
+                 if parameter.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(gradients, max_norm)
 
 
 def log_progress(bar: Iterable, sums: MetricSums, ctx: DistContext, started: float, data_seconds: float,
@@ -190,7 +207,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
             loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
         if guard.loss_usable(loss, step):
-            skipped_by_scaler = backward_and_step(loss, optimizer, scaler)
+            skipped_by_scaler = backward_and_step(loss, optimizer, scaler, clip_grad_norm=settings.clip_grad_norm)
             if skipped_by_scaler is not None:
                 scaler_skips += skipped_by_scaler
             sums.add(loss, output, target)

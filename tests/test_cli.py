@@ -41,6 +41,8 @@ def fails_with(capsys, script, argv, message):
     (["--register", "class"], "not a Python keyword"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be >= 0 (0: off), got -1.0"),
+    (["--clip-grad-norm", "nan"], "--clip-grad-norm must be >= 0 (0: off), got nan"),
     (["--target-macs", "150%"], "--target-macs as a share must be between 0% and 100%"),
     (["--budget-steps", "1"], "--budget-steps must be >= 2"),
     (["--budget-probes", "0"], "--budget-probes must be >= 1"),

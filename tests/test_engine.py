@@ -146,3 +146,43 @@ def test_the_progress_line_says_what_share_of_the_time_went_to_waiting_for_data(
     # four waits of 0.25 s against steps of a few ms
     assert slow.data_seconds >= 1.0 and slow_share >= 60
     assert fast.data_seconds < 0.1 and fast_share <= 10
+
+
+def one_step(clip_grad_norm: float, inputs: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """How far one SGD step (lr 1, no momentum) moves a linear model's weights on ``inputs``."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    before = torch.cat([parameter.detach().flatten().clone() for parameter in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = nn.CrossEntropyLoss()(model(inputs), torch.tensor([0, 1]))
+    engine.backward_and_step(loss, optimizer, scaler, clip_grad_norm=clip_grad_norm)
+    return torch.cat([parameter.detach().flatten() for parameter in model.parameters()]) - before
+
+
+def test_clipping_caps_the_step_an_outlier_batch_takes_and_leaves_ordinary_steps_alone():
+    outlier = torch.tensor([[300.0, -200.0, 100.0, 50.0], [-250.0, 400.0, 0.0, -80.0]])
+    unclipped = one_step(0.0, outlier)
+    assert unclipped.norm() > 50  # the case the flag is for: one batch throws the weights far
+    assert one_step(2.0, outlier).norm() == pytest.approx(2.0, rel=1e-5)
+    assert torch.allclose(one_step(2.0, outlier), unclipped * (2.0 / unclipped.norm()), atol=1e-6)  # same direction
+    ordinary = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    assert one_step(0.0, ordinary).norm() < 2.0
+    assert torch.equal(one_step(2.0, ordinary), one_step(0.0, ordinary))
+
+
+def test_clipping_with_a_grad_scaler_clips_the_true_gradients_not_the_loss_scaled_ones():
+    outlier = torch.tensor([[300.0, -200.0, 100.0, 50.0], [-250.0, 400.0, 0.0, -80.0]])
+    scaled = one_step(2.0, outlier, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert torch.allclose(scaled, one_step(2.0, outlier), atol=1e-6)
+
+
+def test_an_epoch_with_clip_grad_norm_set_moves_each_step_at_most_lr_times_the_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = [(torch.randn(2, 3, 2, 2) * 100, torch.tensor([0, 2])) for _ in range(3)]
+    before = torch.cat([parameter.detach().flatten().clone() for parameter in model.parameters()])
+    engine.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, None, CPU, 0,
+                           LoopSettings(print_freq=1000, clip_grad_norm=0.1))
+    after = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+    assert 0.05 < (after - before).norm() <= 3 * 0.5 * 0.1 + 1e-6
