@@ -38,17 +38,37 @@ from torch.utils.data import DataLoader
 
 from .data import start_epoch
 from .distributed import DistContext, all_reduce_sum, broadcast_object
-from .engine import autocast, backward_and_step, make_scaler, to_device
+from .engine import LoopSettings, autocast, backward_and_step, make_scaler, to_device
 from .errors import UserError
 from .mask_macs import mask_macs
 from .masks import Mask, compute_mask, member_rows, unit_norms
 from .search_optimizer import ProxSettings, search_optimizer
 from .structure import prunable_convs, pruning_groups
-from .training import make_scheduler
 
 log = logging.getLogger("gsparsity")
 MU_FACTOR = 4.0  # how far each bracketing probe moves mu while the target is not bracketed
 FALLBACK_START_MU = 0.05  # where the bisection starts when --mu is 0
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """What the budget search and the budget mask read of the flags, fixed once they are parsed."""
+
+    target: str | None  # --target-macs as given: GMac ("2.05") or a share ("50%"); None: no budget
+    arch: str
+    pruning_threshold: float
+    round_to: int
+    ranking: str  # --budget-ranking: "layer" or "global"
+    probe_steps: int  # --budget-steps
+    max_probes: int  # --budget-probes
+    tolerance: float  # --budget-tolerance, in percentage points of the full model's MACs
+    seed: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BudgetSettings":
+        return cls(target=args.target_macs, arch=args.arch, pruning_threshold=args.pruning_threshold,
+                   round_to=args.round_to, ranking=args.budget_ranking, probe_steps=args.budget_steps,
+                   max_probes=args.budget_probes, tolerance=args.budget_tolerance, seed=args.seed)
 
 
 @dataclass
@@ -79,13 +99,13 @@ def target_macs(text: str, full_macs: int) -> int:
     return round(value * full_macs) if is_share else round(value)
 
 
-def smallest_macs(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int) -> int:
+def smallest_macs(model: nn.Module, budget: BudgetSettings, scope: str, num_classes: int) -> int:
     """MACs of the model with every prunable filter pruned (every branch dropped, whatever the
     scope): no mu can go below this."""
     everything = {prunable.name: torch.ones(prunable.conv.out_channels, dtype=torch.bool)
                   for prunable in prunable_convs(model, scope)}
-    mask = compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=everything)
-    return mask_macs(args.arch, mask, scope, num_classes)
+    mask = compute_mask(model, budget.pruning_threshold, scope, budget.round_to, also_pruned=everything)
+    return mask_macs(budget.arch, mask, scope, num_classes)
 
 
 def bisect_mu(probe: Callable[[float], Probe], target_share: float, start_mu: float,
@@ -120,7 +140,7 @@ def bisect_mu(probe: Callable[[float], Probe], target_share: float, start_mu: fl
 
 
 def projected_mask(model: nn.Module, heading_to_zero: dict[str, torch.Tensor], remaining_lrs: list[float],
-                   args: argparse.Namespace, scope: str) -> Mask:
+                   budget: BudgetSettings, scope: str) -> Mask:
     """The mask the search would end with if the filters now heading to zero kept heading there.
 
     Such a filter (ResNeXt: a conv group of a tied pair) keeps a factor (1 - lr) of its
@@ -135,27 +155,28 @@ def projected_mask(model: nn.Module, heading_to_zero: dict[str, torch.Tensor], r
         if heading is None:
             continue
         heading = heading.cpu().view(-1, unit).all(dim=1)
-        decayed = heading & (norms * math.exp(log_decay) <= args.pruning_threshold)
+        decayed = heading & (norms * math.exp(log_decay) <= budget.pruning_threshold)
         pruned[members[0].name] = decayed.repeat_interleave(unit)
-    return compute_mask(model, args.pruning_threshold, scope, args.round_to, also_pruned=pruned)
+    return compute_mask(model, budget.pruning_threshold, scope, budget.round_to, also_pruned=pruned)
 
 
 class MuProbe:
     """Trains ``model`` from its starting weights for a few steps at a given mu, predicts
     the compressed model's MACs (module docstring), and puts the starting weights back."""
 
-    def __init__(self, model: nn.Module, prox: ProxSettings, args: argparse.Namespace, ctx: DistContext,
-                 batches: list, num_classes: int, full_macs: int, search_lrs: list[float]) -> None:
-        self.model, self.prox, self.args, self.ctx, self.scope = model, prox, args, ctx, prox.scope
+    def __init__(self, model: nn.Module, prox: ProxSettings, budget: BudgetSettings, loop: LoopSettings,
+                 ctx: DistContext, batches: list, num_classes: int, full_macs: int, search_lrs: list[float]) -> None:
+        self.model, self.prox, self.budget, self.loop, self.ctx = model, prox, budget, loop, ctx
+        self.scope = prox.scope
         self.batches, self.num_classes, self.full_macs = batches, num_classes, full_macs
         self.start_state = {key: value.clone() for key, value in model.state_dict().items()}
         # The probe's steps stand in for the search's first ones.
         self.remaining_lrs = search_lrs[len(batches):]
 
     def __call__(self, mu: float) -> Probe:
-        args = self.args
+        loop = self.loop
         optimizer = search_optimizer(self.model, self.prox.with_mu(mu))
-        scaler = make_scaler(args.amp, self.ctx.device)
+        scaler = make_scaler(loop.amp, self.ctx.device)
         criterion = nn.CrossEntropyLoss()
         counted_from, counted = len(self.batches) // 2, 0
         zero_counts: dict[str, torch.Tensor] = {}
@@ -163,22 +184,22 @@ class MuProbe:
         self.model.train()
         try:
             for step, (images, target) in enumerate(self.batches):
-                images, target = to_device(images, target, self.ctx.device, args.channels_last)
-                with autocast(self.ctx.device, args.amp):
+                images, target = to_device(images, target, self.ctx.device, loop.channels_last)
+                with autocast(self.ctx.device, loop.amp):
                     loss = criterion(self.model(images), target)
                 optimizer.zero_grad(set_to_none=True)
                 skipped = backward_and_step(loss, optimizer, scaler, before_step=average,
-                                            clip_grad_norm=args.clip_grad_norm)
+                                            clip_grad_norm=loop.clip_grad_norm)
                 if step >= counted_from and not (skipped is not None and bool(skipped)):
                     counted += 1
                     for name, zero in optimizer.zero_prox_filters().items():
                         zero_counts[name] = zero_counts.get(name, 0) + zero.to(torch.int32)
             heading_to_zero = {name: 2 * count >= max(counted, 1) for name, count in zero_counts.items()}
-            mask = projected_mask(self.model, heading_to_zero, self.remaining_lrs, args, self.scope)
+            mask = projected_mask(self.model, heading_to_zero, self.remaining_lrs, self.budget, self.scope)
         finally:
             self.model.load_state_dict(self.start_state)
         # Every process takes rank 0's figure, so that all run the same bisection.
-        macs = broadcast_object(mask_macs(args.arch, mask, self.scope, self.num_classes))
+        macs = broadcast_object(mask_macs(self.budget.arch, mask, self.scope, self.num_classes))
         result = Probe(mu=mu, macs=macs, share=macs / self.full_macs)
         if self.ctx.is_main:
             log.info(f"budget probe: mu {mu:.4g} -> {macs / 1e9:.3f} GMac predicted "
@@ -199,7 +220,7 @@ def start_norms(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
     return {members[0].name: unit_norms(members) for members in pruning_groups(model, scope)}
 
 
-def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scope: str,
+def budget_mask(model: nn.Module, goal_macs: int, budget: BudgetSettings, scope: str,
                 num_classes: int, norms_at_start: dict[str, torch.Tensor]) -> Mask:
     """The mask that keeps the strongest filters, as many as fit in ``goal_macs``.
 
@@ -223,10 +244,10 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
     all_norms = torch.cat(norms)
     kept_shares = [norm / norms_at_start[members[0].name].clamp_min(torch.finfo(norm.dtype).tiny)
                    for members, norm in zip(groups, norms)]
-    if args.budget_ranking == "layer":
+    if budget.ranking == "layer":
         kept_shares = [share / share.median().clamp_min(torch.finfo(share.dtype).tiny) for share in kept_shares]
     by_strength = torch.sort(torch.cat(kept_shares), descending=True, stable=True).indices
-    nonzero_first = torch.sort((all_norms > args.pruning_threshold)[by_strength].to(torch.int8),
+    nonzero_first = torch.sort((all_norms > budget.pruning_threshold)[by_strength].to(torch.int8),
                                descending=True, stable=True).indices
     order = by_strength[nonzero_first]
 
@@ -235,29 +256,17 @@ def budget_mask(model: nn.Module, goal_macs: int, args: argparse.Namespace, scop
         kept[order[:count]] = True
         mask = {}
         for members, norm, row in zip(groups, norms, kept.split([len(norm) for norm in norms])):
-            mask.update(member_rows(members, row, norm, args.round_to))
+            mask.update(member_rows(members, row, norm, budget.round_to))
         return mask
 
     fitting, too_many = 0, len(all_norms) + 1  # keeping(fitting) fits (checked: goal >= the floor)
     while too_many - fitting > 1:
         middle = (fitting + too_many) // 2
-        if mask_macs(args.arch, keeping(middle), scope, num_classes) <= goal_macs:
+        if mask_macs(budget.arch, keeping(middle), scope, num_classes) <= goal_macs:
             fitting = middle
         else:
             too_many = middle
     return keeping(fitting)
-
-
-def search_step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
-    """The lr of every step of the search, from its scheduler (which steps once per epoch)."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
-    scheduler = make_scheduler(dummy, args)
-    lrs = []
-    for _ in range(args.epochs):
-        lrs += [dummy.param_groups[0]["lr"]] * steps_per_epoch
-        dummy.step()
-        scheduler.step()
-    return lrs
 
 
 def first_batches(loader: DataLoader, count: int, seed: int | None) -> list:
@@ -280,37 +289,39 @@ def first_batches(loader: DataLoader, count: int, seed: int | None) -> list:
     return batches
 
 
-def check_target(model: nn.Module, args: argparse.Namespace, scope: str, num_classes: int,
+def check_target(model: nn.Module, budget: BudgetSettings, scope: str, num_classes: int,
                  full_macs: int) -> int:
     """The target in MACs; UserError when no mask can reach it (checked before any file is written)."""
-    goal = target_macs(args.target_macs, full_macs)
+    goal = target_macs(budget.target, full_macs)
     if goal >= full_macs:
-        raise UserError(f"--target-macs {args.target_macs} is not below the full model's "
+        raise UserError(f"--target-macs {budget.target} is not below the full model's "
                         f"{full_macs / 1e9:.2f} GMac: nothing to prune")
-    floor = smallest_macs(model, args, scope, num_classes)
+    floor = smallest_macs(model, budget, scope, num_classes)
     if goal < floor:
         # Every branch dropped: stem, shortcuts and fc are all that is left, in either scope.
-        raise UserError(f"--target-macs {args.target_macs} is below {floor / 1e9:.2f} GMac, the MACs left "
+        raise UserError(f"--target-macs {budget.target} is below {floor / 1e9:.2f} GMac, the MACs left "
                         f"when every {scope} filter is pruned ({100 * floor / full_macs:.1f}% of the full "
                         f"model): aim higher")
     return goal
 
 
-def choose_mu(model: nn.Module, prox: ProxSettings, args: argparse.Namespace, ctx: DistContext,
-              loader: DataLoader, num_classes: int, goal: int, full_macs: int) -> dict:
+def choose_mu(model: nn.Module, prox: ProxSettings, budget: BudgetSettings, loop: LoopSettings,
+              ctx: DistContext, loader: DataLoader, num_classes: int, goal: int, full_macs: int,
+              search_lrs: list[float]) -> dict:
     """Run the budget search for ``goal`` MACs (from :func:`check_target`); returns its record
-    for run_info.json (``"mu"``: the choice).
+    for run_info.json (``"mu"``: the choice). ``search_lrs``: the lr of every step of the
+    search (:func:`~gsparsity.training.step_lrs`).
 
     Every process trains the probes on its part of the same global batches, gradients
     averaged as in the search, and takes rank 0's predictions."""
     target_share = goal / full_macs
     if ctx.is_main:
         log.info(f"budget search: target {goal / 1e9:.3f} GMac ({100 * target_share:.1f}% of the MACs), "
-                 f"up to {args.budget_probes} probes of {args.budget_steps} steps")
-    batches = first_batches(loader, args.budget_steps, args.seed)
-    probe = MuProbe(model, prox, args, ctx, batches, num_classes, full_macs, search_step_lrs(args, len(loader)))
+                 f"up to {budget.max_probes} probes of {budget.probe_steps} steps")
+    batches = first_batches(loader, budget.probe_steps, budget.seed)
+    probe = MuProbe(model, prox, budget, loop, ctx, batches, num_classes, full_macs, search_lrs)
     start_mu = prox.mu if prox.mu > 0 else FALLBACK_START_MU
-    best, probes = bisect_mu(probe, target_share, start_mu, args.budget_probes, args.budget_tolerance / 100)
+    best, probes = bisect_mu(probe, target_share, start_mu, budget.max_probes, budget.tolerance / 100)
     if ctx.is_main:
         log.info(f"budget search: mu {best.mu:.4g}, predicted {best.macs / 1e9:.3f} GMac "
                  f"({100 * best.share:.1f}% of the MACs) for a target of {100 * target_share:.1f}%")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .budget import (budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs, parse_target,
-                     start_norms, target_macs)
+from .budget import (BudgetSettings, budget_mask, check_target, choose_mu, describe_budget_mask, mask_macs,
+                     parse_target, start_norms, target_macs)
 from .bn_calibration import calibration_loader, recalibrate_batchnorm
 from .complexity import count_macs_params, format_macs_params
 from .distributed import DistContext, all_reduce_sum, broadcast_object
@@ -25,10 +25,10 @@ from .settle import CutFilters
 from .compression import compress_model, save_compressed_model
 from .masks import Mask, compute_mask
 from .registry import check_can_register, register_experiment, registers_itself, registry_file
-from .engine import validate
+from .engine import LoopSettings, validate
 from .search_optimizer import ProxSettings, search_optimizer
 from .sparsity import sparsity_report
-from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run
+from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run, step_lrs
 
 log = logging.getLogger("gsparsity")
 CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
@@ -68,7 +68,8 @@ class EpochEnd:
     def __init__(self, run: Run, scope: str, full_macs: int, full_params: int) -> None:
         self.run, self.scope = run, scope
         self.full_macs, self.full_params = full_macs, full_params
-        self.goal_macs = target_macs(run.args.target_macs, full_macs) if run.args.target_macs else None
+        self.budget = BudgetSettings.from_args(run.args)
+        self.goal_macs = target_macs(self.budget.target, full_macs) if self.budget.target else None
         self.norms_at_start = run.extra_checkpoint.get("norms_at_start")
         self.check_batch = sample_batch(run.loaders.val.dataset, run.ctx.device) if run.ctx.is_main else None
         images = run.args.bn_calibration_images
@@ -89,7 +90,7 @@ class EpochEnd:
         if self.cut is not None:
             mask = self.cut.mask
         elif self.goal_macs is not None:
-            mask = budget_mask(run.plain_model, self.goal_macs, args, self.scope, run.loaders.num_classes,
+            mask = budget_mask(run.plain_model, self.goal_macs, self.budget, self.scope, run.loaders.num_classes,
                                self.norms_at_start)
         check_ranks_agree(mask, run.ctx)
         # Every process compresses and evaluates (validation is sharded); rank 0 logs and saves.
@@ -244,14 +245,15 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     loaders, model = data_and_starting_model(args, ctx)
     model = place_model(model, args, ctx)
     full_macs, full_params = count_macs_params(model, 224)
-    prox = ProxSettings.from_args(args, scope)
-    probing = args.target_macs is not None and not (args.resume or args.evaluate)
-    goal = check_target(model, args, scope, loaders.num_classes, full_macs) if probing else None
+    prox, budget_settings = ProxSettings.from_args(args, scope), BudgetSettings.from_args(args)
+    probing = budget_settings.target is not None and not (args.resume or args.evaluate)
+    goal = check_target(model, budget_settings, scope, loaders.num_classes, full_macs) if probing else None
     script = f"main_search_{scope}.py"
     folder = open_experiment(args, ctx, experiment_name(args, scope), script)
     budget = None
     if probing:
-        budget = choose_mu(model, prox, args, ctx, loaders.train, loaders.num_classes, goal, full_macs)
+        budget = choose_mu(model, prox, budget_settings, LoopSettings.from_args(args), ctx, loaders.train,
+                           loaders.num_classes, goal, full_macs, step_lrs(args, len(loaders.train)))
     elif args.resume:
         budget = read_run_info(args.resume).get("budget")
     if budget is not None:  # the budget's choice: a result in run_info.json, not a setting

@@ -139,6 +139,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
+def step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
+    """The lr of every step of a run with these flags, from its scheduler (stepped once per epoch)."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler = make_scheduler(dummy, args)
+    lrs = []
+    for _ in range(args.epochs):
+        lrs += [dummy.param_groups[0]["lr"]] * steps_per_epoch
+        dummy.step()
+        scheduler.step()
+    return lrs
+
+
 def checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
     """Everything needed to go on at step ``step`` of epoch ``epoch``."""
     return {

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torchvision
 
-from gsparsity.budget import (MuProbe, Probe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
+from gsparsity.budget import (BudgetSettings, MuProbe, Probe, bisect_mu, budget_mask, mask_macs, parse_target, projected_mask,
                               smallest_macs, start_norms, target_macs)
 from gsparsity.cli import build_parser
 from gsparsity.distributed import DistContext
+from gsparsity.engine import LoopSettings
 from gsparsity.errors import UserError
 from gsparsity.masks import compute_mask, load_mask
 from gsparsity.search_optimizer import ProxSettings
@@ -78,6 +79,16 @@ def tiny_batches(count: int):
             for _ in range(count)]
 
 
+def budget_of(*flags: str) -> BudgetSettings:
+    return BudgetSettings.from_args(search_args(*flags))
+
+
+def probe_of(model, args, batches, full_macs: int, search_lrs: list[float]) -> MuProbe:
+    """The budget search's probe over 10 classes, with the settings of ``args``."""
+    return MuProbe(model, prox_settings(args), BudgetSettings.from_args(args), LoopSettings.from_args(args),
+                   CPU_ONLY, batches, 10, full_macs, search_lrs)
+
+
 def prox_settings(args) -> ProxSettings:
     return ProxSettings.from_args(args, "conv12")
 
@@ -113,7 +124,7 @@ def test_with_lr_1_a_probe_predicts_exactly_what_the_same_steps_prune(arch, mu, 
     batches = tiny_batches(2)
     full_macs = mask_macs(arch, compute_mask(model, 1e-6), "conv12", 10)
     copy_of_start = copy.deepcopy(model)
-    probe = MuProbe(model, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, search_lrs=[1.0] * 10)
+    probe = probe_of(model, args, batches, full_macs, [1.0] * 10)
     predicted = probe(mu)
 
     run_proxsgd(copy_of_start, args, mu, batches)
@@ -132,7 +143,7 @@ def test_a_resnext_group_is_projected_to_zero_by_its_norm_in_both_convs():
         block.conv1.weight[4:8] = 0  # group 1: norm 1.2e-6, over the threshold of 1e-6 until it decays
         block.conv2.weight[4:8] = 1e-7
     heading = {name: torch.ones(128, dtype=torch.bool) for name in ("layer1.0.conv1", "layer1.0.conv2")}
-    mask = projected_mask(model, heading, [0.05] * 10, search_args(), "conv12")
+    mask = projected_mask(model, heading, [0.05] * 10, budget_of(), "conv12")
     assert mask["layer1.0.conv1"][:4].all() and mask["layer1.0.conv2"][:4].all()
     assert not mask["layer1.0.conv1"][4:8].any() and not mask["layer1.0.conv2"][4:8].any()
     assert compute_mask(model)["layer1.0.conv1"][4:8].all()  # not yet under the threshold now
@@ -144,11 +155,11 @@ def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet1
     batches = tiny_batches(4)
     full_macs = mask_macs("resnet18", compute_mask(resnet18, 1e-6), "conv12", 10)
     start = copy.deepcopy(resnet18.state_dict())
-    long_search = MuProbe(resnet18, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, [0.05] * 1000)
+    long_search = probe_of(resnet18, args, batches, full_macs, [0.05] * 1000)
     predicted = long_search(1.5)
     assert predicted.share < 0.9
     # With only 2 steps left, a filter with a zero prox keeps 0.95**2 of its norm: not pruned.
-    short_search = MuProbe(resnet18, prox_settings(args), args, CPU_ONLY, batches, 10, full_macs, [0.05] * 6)
+    short_search = probe_of(resnet18, args, batches, full_macs, [0.05] * 6)
     assert short_search(1.5).share == 1.0
     # The probe left the model as it found it ...
     for key, value in resnet18.state_dict().items():
@@ -160,7 +171,7 @@ def test_a_probe_sees_filters_heading_to_zero_long_before_they_get_there(resnet1
 
 def test_no_mu_goes_below_the_model_with_every_prunable_filter_pruned(resnet18):
     args = search_args()
-    floor = smallest_macs(resnet18, args, "conv12", 10)
+    floor = smallest_macs(resnet18, BudgetSettings.from_args(args), "conv12", 10)
     everything_pruned = {name: torch.zeros_like(kept) for name, kept in compute_mask(resnet18).items()}
     assert floor == mask_macs("resnet18", everything_pruned, "conv12", 10)
     assert floor < mask_macs("resnet18", compute_mask(resnet18), "conv12", 10)
@@ -178,7 +189,7 @@ def test_a_budget_the_zero_filters_meet_exactly_gives_the_threshold_mask(resnet1
     model = planted(resnet18, {"layer1.0.conv1": [0, 1, 2], "layer3.1.conv1": list(range(100))})
     by_threshold = compute_mask(model)
     goal = mask_macs("resnet18", by_threshold, "conv12", 10)
-    mask = budget_mask(model, goal, search_args(), "conv12", 10, at_start)
+    mask = budget_mask(model, goal, budget_of(), "conv12", 10, at_start)
     assert all(torch.equal(mask[name], row) for name, row in by_threshold.items())
 
 
@@ -198,7 +209,7 @@ def test_under_global_ranking_a_tighter_budget_also_prunes_the_filters_that_shra
                    {"layer1.0.conv1": (list(range(32)), 0.1), "layer1.1.conv1": (list(range(32)), 0.2)})
     full = mask_macs("resnet18", compute_mask(model), "conv12", 10)
     goal = round(0.9 * full)
-    mask = budget_mask(model, goal, search_args("--budget-ranking", "global"), "conv12", 10, at_start)
+    mask = budget_mask(model, goal, budget_of("--budget-ranking", "global"), "conv12", 10, at_start)
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal
     assert not mask["layer3.1.conv1"][:100].any()  # the zero filters go first
     assert not mask["layer1.0.conv1"][:32].any()  # then those with 10% of their norm left
@@ -221,10 +232,10 @@ def test_layer_ranking_prunes_the_filters_that_fell_behind_their_own_layer_not_t
     laggards["layer2.0.conv1"][:10] = False
     laggards["layer1.0.conv1"][:16] = False
     goal = mask_macs("resnet18", laggards, "conv12", 10)
-    by_layer = budget_mask(model, goal, search_args("--budget-ranking", "layer"), "conv12", 10, at_start)
+    by_layer = budget_mask(model, goal, budget_of("--budget-ranking", "layer"), "conv12", 10, at_start)
     assert all(torch.equal(by_layer[name], row) for name, row in laggards.items())
     # The global share ranks the evenly shrunk layer below every laggard of layer1 instead.
-    by_share = budget_mask(model, goal, search_args("--budget-ranking", "global"), "conv12", 10, at_start)
+    by_share = budget_mask(model, goal, budget_of("--budget-ranking", "global"), "conv12", 10, at_start)
     assert int(by_share["layer2.0.conv1"].sum()) < 128 - 10 and by_share["layer1.0.conv1"].all()
 
 
@@ -233,7 +244,7 @@ def test_a_looser_budget_keeps_some_zero_filters_and_every_nonzero_one(resnet18)
     model = planted(resnet18, {"layer2.0.conv1": list(range(128)), "layer3.1.conv1": list(range(256))})
     by_threshold = compute_mask(model)
     goal = 1.05 * mask_macs("resnet18", by_threshold, "conv12", 10)
-    mask = budget_mask(model, round(goal), search_args(), "conv12", 10, at_start)
+    mask = budget_mask(model, round(goal), budget_of(), "conv12", 10, at_start)
     assert all(bool(mask[name][row].all()) for name, row in by_threshold.items())  # nonzero all kept
     assert sum(int(row.sum()) for row in mask.values()) > sum(int(row.sum()) for row in by_threshold.values())
     assert mask_macs("resnet18", mask, "conv12", 10) <= goal

@@ -12,7 +12,6 @@ from test_cli import ORIGINAL, RETRAIN, fails_with
 from torch import nn
 
 from gsparsity import engine, launch
-from gsparsity.budget import search_step_lrs
 from gsparsity.checkpoint import load_checkpoint
 from gsparsity.distributed import DistContext
 from gsparsity.engine import train_one_epoch, validate
@@ -21,7 +20,7 @@ from gsparsity.experiment import setup_logging
 from gsparsity.registry import register, saved_small_models, searched_small_model
 from gsparsity.retrain import cut_to_mask, small_model_path
 from gsparsity.stopping import EXIT_PREEMPTED
-from gsparsity.training import make_scheduler, start_run
+from gsparsity.training import make_scheduler, start_run, step_lrs
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -162,7 +161,7 @@ def test_without_warmup_the_schedules_are_the_originals():
 
 def test_the_budgets_lr_per_step_follows_the_warmup():
     args = launch.parse_args("search", ["--dummy", "--lr", "0.1", "--epochs", "3", "--warmup-epochs", "2"])
-    assert search_step_lrs(args, steps_per_epoch=2) == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
+    assert step_lrs(args, steps_per_epoch=2) == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
 
 
 @pytest.mark.parametrize("value", ["-1", "3"])
