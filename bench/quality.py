@@ -237,10 +237,8 @@ def searched_mask(search_folder: Path) -> tuple[Mask, str, int]:
 
 
 def number_of_classes(args: argparse.Namespace) -> int:
-    from gsparsity.data import build_datasets
-    data_args = argparse.Namespace(data=args.data, dummy=False, image_size=args.image_size, subset=None,
-                                   workers=0, bad_images="stop")
-    return build_datasets(data_args)[2]
+    from gsparsity.data import DataSettings, build_datasets
+    return build_datasets(DataSettings(data=args.data, image_size=args.image_size, workers=0))[2]
 
 
 def model_size(small_model_file: Path) -> tuple[int, int]:
@@ -262,7 +260,7 @@ def torch_pruning_mask(args: argparse.Namespace, baseline: Path, goal_macs: int,
 
     import torch_pruning as tp
 
-    from gsparsity.data import build_loaders
+    from gsparsity.data import DataSettings, build_loaders
     from gsparsity.distributed import DistContext
 
     torch.manual_seed(seed)
@@ -275,11 +273,10 @@ def torch_pruning_mask(args: argparse.Namespace, baseline: Path, goal_macs: int,
                                        reg=args.tp_reg, global_pruning=True, pruning_ratio=1.0,
                                        max_pruning_ratio=0.95, iterative_steps=args.tp_steps,
                                        ignored_layers=ignored)
-    loader_args = argparse.Namespace(data=args.data, dummy=False, image_size=args.image_size, subset=args.subset,
-                                     workers=args.workers, batch_size=args.batch_size, seed=seed, evaluate=False,
-                                     bad_images="stop")
+    data = DataSettings(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
+                        workers=args.workers, subset=args.subset, seed=seed)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    train = build_loaders(loader_args, ctx).train
+    train = build_loaders(data, ctx).train
     optimizer = torch.optim.SGD(model.parameters(), lr=args.tp_lr, momentum=0.9, weight_decay=1e-4)
     steps = args.search_epochs * len(train)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))

@@ -58,6 +58,27 @@ ONE_BY_ONE_UP_TO = 32  # image sizes at which a ResNet's last feature map is 1x1
 log = logging.getLogger("gsparsity")
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What the data pipeline reads of the flags, fixed once they are parsed."""
+
+    data: str | None = None  # an ImageFolder root with train/ and val/, or "demo"
+    dummy: bool = False  # FakeData instead of --data
+    image_size: int = 224
+    batch_size: int = 256  # global: split over the processes
+    workers: int = 4
+    subset: int | None = None  # N train and N val images, evenly spaced
+    seed: int | None = None
+    bad_images: str = "stop"  # an unreadable image: "stop" or "skip"
+    train: bool = True  # False for --evaluate: no check that a batch can train
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataSettings":
+        return cls(data=args.data, dummy=args.dummy, image_size=args.image_size, batch_size=args.batch_size,
+                   workers=args.workers, subset=args.subset, seed=args.seed, bad_images=args.bad_images,
+                   train=not args.evaluate)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -275,24 +296,23 @@ def holds_an_image(folder: Path) -> bool:
     return any(holds_an_image(subfolder) for subfolder in subfolders)
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+def build_datasets(settings: DataSettings) -> tuple[Dataset, Dataset, int]:
     """(train, val, number of classes) for --dummy, --data demo or an ImageFolder."""
-    if args.dummy:
-        shape = (3, args.image_size, args.image_size)
+    if settings.dummy:
+        shape = (3, settings.image_size, settings.image_size)
         to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         train = datasets.FakeData(DUMMY_SIZES["train"], shape, DUMMY_CLASSES, to_tensor, random_offset=0)
         val = datasets.FakeData(DUMMY_SIZES["val"], shape, DUMMY_CLASSES, to_tensor, random_offset=1)
-        return subset(train, args.subset), subset(val, args.subset), DUMMY_CLASSES
-    if args.data == "demo":
+        return subset(train, settings.subset), subset(val, settings.subset), DUMMY_CLASSES
+    if settings.data == "demo":
         root, augment = demo_root(), "digits"
     else:
-        root, augment = Path(args.data), "imagenet"
+        root, augment = Path(settings.data), "imagenet"
         check_image_folder(root)
-    train_tf, val_tf = build_transforms(args.image_size, augment)
-    bad_images = getattr(args, "bad_images", "stop")
-    train = CheckedImageFolder(str(root / "train"), train_tf, bad_images, args.workers)
-    val = CheckedImageFolder(str(root / "val"), val_tf, bad_images, args.workers)
-    return subset(train, args.subset), subset(val, args.subset), len(train.classes)
+    train_tf, val_tf = build_transforms(settings.image_size, augment)
+    train = CheckedImageFolder(str(root / "train"), train_tf, settings.bad_images, settings.workers)
+    val = CheckedImageFolder(str(root / "val"), val_tf, settings.bad_images, settings.workers)
+    return subset(train, settings.subset), subset(val, settings.subset), len(train.classes)
 
 
 def subset(dataset: Dataset, size: int | None) -> Dataset:
@@ -303,30 +323,30 @@ def subset(dataset: Dataset, size: int | None) -> Dataset:
     return Subset(dataset, [int(position * stride) for position in range(size)])
 
 
-def build_loaders(args: argparse.Namespace, ctx: DistContext) -> Loaders:
-    train_set, val_set, num_classes = build_datasets(args)
-    if args.batch_size < ctx.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
+def build_loaders(settings: DataSettings, ctx: DistContext) -> Loaders:
+    train_set, val_set, num_classes = build_datasets(settings)
+    if settings.batch_size < ctx.world_size:
+        raise UserError(f"--batch-size {settings.batch_size} is smaller than the number of processes "
                         f"({ctx.world_size}); it is the global batch, split across them")
     if len(val_set) < ctx.world_size:  # a process without a single batch would hang validation
         raise UserError(f"the validation set has {len(val_set)} image(s), fewer than the {ctx.world_size} "
                         f"processes: each needs at least one")
-    per_process = args.batch_size // ctx.world_size
-    if per_process * ctx.world_size != args.batch_size and ctx.is_main:
-        log.warning(f"--batch-size {args.batch_size} does not split evenly over {ctx.world_size} processes: "
+    per_process = settings.batch_size // ctx.world_size
+    if per_process * ctx.world_size != settings.batch_size and ctx.is_main:
+        log.warning(f"--batch-size {settings.batch_size} does not split evenly over {ctx.world_size} processes: "
                     f"each takes {per_process}, so a step trains on {per_process * ctx.world_size} images")
-    seed = args.seed if args.seed is not None else 0
+    seed = settings.seed if settings.seed is not None else 0
     # Unseeded runs still shuffle by seed 0 (as before) but augment differently each run.
-    augment_seed = args.seed if args.seed is not None else secrets.randbits(62)
+    augment_seed = settings.seed if settings.seed is not None else secrets.randbits(62)
     train_sampler = EpochSampler(train_set, ctx, seed, augment_seed, per_process)
-    if not args.evaluate:
-        check_batches_can_train(args.image_size, min(per_process, train_sampler.kept), ctx.world_size)
+    if settings.train:
+        check_batches_can_train(settings.image_size, min(per_process, train_sampler.kept), ctx.world_size)
     if train_sampler.kept < train_sampler.num_samples and ctx.is_main:
         log.info("each epoch leaves out one training image per process: its last batch would hold "
                  "only that one, on which BatchNorm cannot train")
     common = dict(
-        batch_size=per_process, num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-        persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
+        batch_size=per_process, num_workers=settings.workers, pin_memory=ctx.device.type == "cuda",
+        persistent_workers=settings.workers > 0, worker_init_fn=ignore_stop_signals,
     )
     train = DataLoader(SeededSamples(train_set), sampler=train_sampler, generator=torch.Generator(),
                        **common)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .complexity import count_macs_params, format_macs_params
-from .data import build_loaders
+from .data import DataSettings, build_loaders
 from .distill import DistillationLoss, distill_record, load_teacher, searchs_starting_weights, teacher_file
 from .distributed import DistContext
 from .errors import UserError
@@ -84,7 +84,7 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     teacher_path = None if args.evaluate else teacher_file(args, resumed)
     starting_weights = (searchs_starting_weights(args, "--inherit start", "retrain the search's own weights")
                         if args.inherit == "start" and not args.resume else None)
-    loaders = build_loaders(args, ctx)
+    loaders = build_loaders(DataSettings.from_args(args), ctx)
     model, mask_record = load_small_model(source, scope, loaders.num_classes)
     arch = mask_record["arch"]  # the searched model's, whatever -a says
     if starting_weights is not None:

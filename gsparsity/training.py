@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
                          restore_rng_state)
-from .data import Loaders, build_loaders, start_epoch
+from .data import DataSettings, Loaders, build_loaders, start_epoch
 from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
 from .engine import EpochMetrics, LoopSettings, make_scaler, train_one_epoch, validate
 from .errors import UserError
@@ -85,7 +85,7 @@ def data_and_starting_model(args: argparse.Namespace, ctx: DistContext) -> tuple
     if args.seed is not None:
         seed_everything(args.seed)
     start_logging(ctx)
-    loaders = build_loaders(args, ctx)
+    loaders = build_loaders(DataSettings.from_args(args), ctx)
     model = build_model(args.arch, loaders.num_classes)
     if args.pretrained and not args.resume:
         load_pretrained(model, args.pretrained, args.arch)

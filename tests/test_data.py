@@ -1,5 +1,4 @@
 """Data: the demo digits as an ImageFolder, ImageNet-folder checks, sharding, seeded epochs."""
-import argparse
 
 import pytest
 import torch
@@ -7,22 +6,21 @@ import torchvision
 from PIL import Image
 
 from gsparsity import demo_data
-from gsparsity.data import ShardSampler, build_datasets, build_loaders, check_image_folder, start_epoch
+from gsparsity.data import DataSettings, ShardSampler, build_datasets, build_loaders, check_image_folder, start_epoch
 from gsparsity.distributed import DistContext
 from gsparsity.errors import UserError
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def loader_args(**overrides):
-    values = dict(dummy=False, data="demo", image_size=16, subset=None, batch_size=32, seed=3, workers=0,
-                  evaluate=False)
+def data_settings(**overrides) -> DataSettings:
+    values = dict(data="demo", image_size=16, batch_size=32, seed=3, workers=0)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return DataSettings(**values)
 
 
 def test_demo_digits_become_an_image_folder_with_ten_classes_and_a_fifth_held_out():
-    loaders = build_loaders(loader_args(), CPU)
+    loaders = build_loaders(data_settings(), CPU)
     assert loaders.num_classes == 10
     assert len(loaders.val.dataset) == 360  # indices 0, 5, 10, ... of the 1,797 digits
     assert len(loaders.train.dataset) == 1797 - 360
@@ -39,7 +37,7 @@ def test_demo_folder_is_written_once_and_reused(monkeypatch):
 
 
 def test_subset_keeps_every_class():
-    loaders = build_loaders(loader_args(subset=50), CPU)
+    loaders = build_loaders(data_settings(subset=50), CPU)
     labels = torch.cat([target for _, target in loaders.train])
     assert len(labels) == 50 and set(labels.tolist()) == set(range(10))
 
@@ -78,27 +76,27 @@ def test_class_folder_without_image_files_is_a_clear_error(tmp_path):
         (tmp_path / split / "dog" / ".DS_Store").write_bytes(b"\0")
         (tmp_path / split / "dog" / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match=r"class folder train/dog holds no image file \(\.jpg"):
-        build_datasets(loader_args(data=str(tmp_path)))
+        build_datasets(data_settings(data=str(tmp_path)))
 
 
 def test_images_in_subfolders_of_a_class_folder_count_as_imagenet_reads_them(tmp_path):
     for split in ("train", "val"):
         write_image(tmp_path / split / "cat" / "a.png")
         write_image(tmp_path / split / "dog" / "shots" / "b.JPG")
-    train, val, num_classes = build_datasets(loader_args(data=str(tmp_path)))
+    train, val, num_classes = build_datasets(data_settings(data=str(tmp_path)))
     assert num_classes == 2 and len(train) == len(val) == 2
 
 
 def test_batch_smaller_than_process_count_is_refused():
     two_processes = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="smaller than the number of processes"):
-        build_loaders(loader_args(batch_size=1), two_processes)
+        build_loaders(data_settings(batch_size=1), two_processes)
 
 
 @pytest.mark.parametrize("batch_size, warned", [(8, True), (9, False)])
 def test_a_global_batch_that_does_not_split_evenly_over_the_processes_is_named(captured_log, batch_size, warned):
     three_processes = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
-    loaders = build_loaders(loader_args(batch_size=batch_size, subset=30), three_processes)
+    loaders = build_loaders(data_settings(batch_size=batch_size, subset=30), three_processes)
     assert loaders.train.batch_size == batch_size // 3
     warnings = [line for line in captured_log.lines if "does not split evenly" in line]
     expected = ["--batch-size 8 does not split evenly over 3 processes: each takes 2, so a step trains on 6 images"]
@@ -108,7 +106,7 @@ def test_a_global_batch_that_does_not_split_evenly_over_the_processes_is_named(c
 def test_fewer_validation_images_than_processes_are_refused():
     three_processes = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="the validation set has 2 image.s., fewer than the 3 processes"):
-        build_loaders(loader_args(batch_size=6, subset=2), three_processes)
+        build_loaders(data_settings(batch_size=6, subset=2), three_processes)
 
 
 def test_validation_shards_cover_every_image_exactly_once():
@@ -117,7 +115,7 @@ def test_validation_shards_cover_every_image_exactly_once():
 
 
 def test_the_loader_shuffles_each_epoch_the_same_way_whatever_came_before():
-    loader = build_loaders(loader_args(subset=64, batch_size=16), CPU).train
+    loader = build_loaders(data_settings(subset=64, batch_size=16), CPU).train
     start_epoch(loader, 2, seed=3)
     first = [labels.clone() for _, labels in loader]
     start_epoch(loader, 0, seed=3)
@@ -133,7 +131,7 @@ def batch_sizes(loader):
 
 
 def test_a_last_batch_of_one_image_is_left_out_so_batchnorm_can_train_on_a_1x1_feature_map():
-    loader = build_loaders(loader_args(image_size=32, subset=9, batch_size=4), CPU).train
+    loader = build_loaders(data_settings(image_size=32, subset=9, batch_size=4), CPU).train
     start_epoch(loader, 0, seed=3)
     assert len(loader) == 2 and batch_sizes(loader) == [4, 4]
     model = torchvision.models.resnet18(num_classes=10).train()  # layer4 sees 1x1 at 32x32
@@ -142,14 +140,14 @@ def test_a_last_batch_of_one_image_is_left_out_so_batchnorm_can_train_on_a_1x1_f
 
 
 def test_other_last_batches_are_kept_whole():
-    loader = build_loaders(loader_args(subset=10, batch_size=4), CPU).train
+    loader = build_loaders(data_settings(subset=10, batch_size=4), CPU).train
     start_epoch(loader, 0, seed=3)
     assert len(loader) == 3 and batch_sizes(loader) == [4, 4, 2]
 
 
 def test_with_several_processes_the_lone_image_is_counted_in_each_process_share():
     # 9 images on 2 processes: 5 each (one padded), batches of 2 -> 2, 2 and a lone one, left out
-    shares = [build_loaders(loader_args(subset=9, batch_size=4),
+    shares = [build_loaders(data_settings(subset=9, batch_size=4),
                             DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))).train
               for rank in range(2)]
     for loader in shares:
@@ -158,7 +156,7 @@ def test_with_several_processes_the_lone_image_is_counted_in_each_process_share(
 
 
 def test_a_resumed_epoch_yields_the_rest_of_the_same_batches_and_counts_them():
-    loader = build_loaders(loader_args(subset=13, batch_size=4), CPU).train
+    loader = build_loaders(data_settings(subset=13, batch_size=4), CPU).train
     start_epoch(loader, 1, seed=3)
     whole = [labels.clone() for _, labels in loader]
     start_epoch(loader, 1, seed=3, first_step=2)

@@ -27,7 +27,7 @@ import main_search_conv12
 from gsparsity import engine
 from gsparsity.engine import LoopSettings
 from gsparsity.checkpoint import atomic_save, load_checkpoint, remove_stale_temp_files
-from gsparsity.data import CheckedImageFolder, build_loaders, start_epoch
+from gsparsity.data import CheckedImageFolder, DataSettings, build_loaders, start_epoch
 from gsparsity.distributed import DistContext, free_port
 from gsparsity.errors import UserError
 from gsparsity.experiment import setup_logging
@@ -144,7 +144,7 @@ def tiny_run(folder: Path, **overrides) -> Run:
     setup_logging(folder, CPU)  # drops handlers of earlier runs (their folders may be gone)
     for handler in captures:
         logging.getLogger("gsparsity").addHandler(handler)
-    loaders = build_loaders(args, CPU)
+    loaders = build_loaders(DataSettings.from_args(args), CPU)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, loaders.num_classes))
@@ -418,10 +418,10 @@ def test_weights_that_became_nan_are_never_saved(tmp_path):
 
 # --- 1. the loader behind an exact resume --------------------------------------------------
 
-def loader_args(**overrides) -> argparse.Namespace:
-    values = dict(dummy=False, data="demo", image_size=16, subset=32, batch_size=8, seed=5, workers=0, evaluate=False)
+def data_settings(**overrides) -> DataSettings:
+    values = dict(data="demo", image_size=16, subset=32, batch_size=8, seed=5, workers=0)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return DataSettings(**values)
 
 
 def epoch_batches(loader, epoch: int, first_step: int = 0) -> list[torch.Tensor]:
@@ -430,7 +430,7 @@ def epoch_batches(loader, epoch: int, first_step: int = 0) -> list[torch.Tensor]
 
 
 def test_an_epoch_started_part_way_yields_exactly_the_rest_of_the_full_epoch():
-    loader = build_loaders(loader_args(), CPU).train
+    loader = build_loaders(data_settings(), CPU).train
     full = epoch_batches(loader, 1)
     rest = epoch_batches(loader, 1, first_step=2)
     assert len(full) == 4 and len(rest) == 2
@@ -439,8 +439,8 @@ def test_an_epoch_started_part_way_yields_exactly_the_rest_of_the_full_epoch():
 
 @pytest.mark.slow
 def test_augmentation_does_not_depend_on_the_number_of_loader_workers():
-    without_workers = epoch_batches(build_loaders(loader_args(), CPU).train, 3)
-    with_workers = epoch_batches(build_loaders(loader_args(workers=2), CPU).train, 3)
+    without_workers = epoch_batches(build_loaders(data_settings(), CPU).train, 3)
+    with_workers = epoch_batches(build_loaders(data_settings(workers=2), CPU).train, 3)
     assert all(torch.equal(a, b) for a, b in zip(without_workers, with_workers))
     assert len(with_workers) == 4
 
