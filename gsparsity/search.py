@@ -28,7 +28,8 @@ from .registry import check_can_register, register_experiment, registers_itself,
 from .engine import LoopSettings, validate
 from .search_optimizer import ProxSettings, search_optimizer
 from .sparsity import sparsity_report
-from .training import Run, data_and_starting_model, evaluate_only, fit, place_model, start_run, step_lrs
+from .training import (Run, Schedule, data_and_starting_model, evaluate_only, fit, place_model, start_run,
+                       step_lrs)
 
 log = logging.getLogger("gsparsity")
 CHECK_IMAGES = 8  # images on which the compressed model is compared with the full one
@@ -253,7 +254,7 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     budget = None
     if probing:
         budget = choose_mu(model, prox, budget_settings, LoopSettings.from_args(args), ctx, loaders.train,
-                           loaders.num_classes, goal, full_macs, step_lrs(args, len(loaders.train)))
+                           loaders.num_classes, goal, full_macs, step_lrs(Schedule.from_args(args), len(loaders.train)))
     elif args.resume:
         budget = read_run_info(args.resume).get("budget")
     if budget is not None:  # the budget's choice: a result in run_info.json, not a setting

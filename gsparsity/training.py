@@ -123,14 +123,31 @@ def make_criterion(args: argparse.Namespace) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LRScheduler:
-    """The lr schedule, stepped once per epoch. ``--warmup-epochs N``: lr * (e + 1) / N in
-    epoch e < N, then the chosen schedule over the remaining epochs, from lr."""
-    warmup = getattr(args, "warmup_epochs", 0)
-    if args.lr_scheduler == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
+@dataclass(frozen=True)
+class Schedule:
+    """The lr over a run, stepped once per epoch (``--lr``, ``--epochs``, ``--lr-scheduler``,
+    ``--lr-step``, ``--warmup-epochs``)."""
+
+    lr: float
+    epochs: int
+    kind: str = "step"  # "step": x0.1 every lr_step epochs; "cosine"
+    lr_step: int = 30
+    warmup_epochs: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Schedule":
+        return cls(lr=args.lr, epochs=args.epochs, kind=args.lr_scheduler, lr_step=args.lr_step,
+                   warmup_epochs=args.warmup_epochs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LRScheduler:
+    """The lr scheduler of ``schedule``. With warmup N: lr * (e + 1) / N in epoch e < N,
+    then the chosen schedule over the remaining epochs, from lr."""
+    warmup = schedule.warmup_epochs
+    if schedule.kind == "cosine":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs - warmup)
     else:
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.lr_step, gamma=0.1)
     if not warmup:
         return main
     # total_iters N - 1: the last warmup epoch is at lr already (1 for N = 1, where it stays at lr).
@@ -139,12 +156,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def step_lrs(args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
-    """The lr of every step of a run with these flags, from its scheduler (stepped once per epoch)."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
-    scheduler = make_scheduler(dummy, args)
+def step_lrs(schedule: Schedule, steps_per_epoch: int) -> list[float]:
+    """The lr of every step of a run on ``schedule``."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)
+    scheduler = make_scheduler(dummy, schedule)
     lrs = []
-    for _ in range(args.epochs):
+    for _ in range(schedule.epochs):
         lrs += [dummy.param_groups[0]["lr"]] * steps_per_epoch
         dummy.step()
         scheduler.step()
@@ -338,7 +355,7 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     # Load first: a broken checkpoint must stop the run before anything is written.
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
-              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, args), loaders=loaders,
+              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, Schedule.from_args(args)), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
               criterion=make_criterion(args), start_epoch=args.start_epoch, loop=LoopSettings.from_args(args),
               **extra)

@@ -20,7 +20,7 @@ from gsparsity.experiment import setup_logging
 from gsparsity.registry import register, saved_small_models, searched_small_model
 from gsparsity.retrain import cut_to_mask, small_model_path
 from gsparsity.stopping import EXIT_PREEMPTED
-from gsparsity.training import make_scheduler, start_run, step_lrs
+from gsparsity.training import Schedule, make_scheduler, start_run, step_lrs
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -134,7 +134,7 @@ def epoch_lrs(kind: str, *flags: str) -> list[float]:
     """The lr of each epoch under the schedule that the flags ask for (stepped once per epoch)."""
     args = launch.parse_args(kind, flags_of(kind, "--lr", "0.1", *flags))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
-    scheduler = make_scheduler(optimizer, args)
+    scheduler = make_scheduler(optimizer, Schedule.from_args(args))
     lrs = []
     for _ in range(args.epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -161,7 +161,7 @@ def test_without_warmup_the_schedules_are_the_originals():
 
 def test_the_budgets_lr_per_step_follows_the_warmup():
     args = launch.parse_args("search", ["--dummy", "--lr", "0.1", "--epochs", "3", "--warmup-epochs", "2"])
-    assert step_lrs(args, steps_per_epoch=2) == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
+    assert step_lrs(Schedule.from_args(args), steps_per_epoch=2) == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1])
 
 
 @pytest.mark.parametrize("value", ["-1", "3"])
