@@ -18,7 +18,7 @@ SCRIPT = "main_original.py"
 def original(args: argparse.Namespace, ctx: DistContext) -> None:
     loaders, model = data_and_starting_model(args, ctx)
     folder = open_experiment(args, ctx, f"original_{args.arch}_{timestamp()}", SCRIPT)
-    model = place_model(model, args, ctx)
+    model = place_model(model, ctx, args.channels_last)
     macs, params = count_macs_params(model, 224)
     log.info(f"{args.arch}: {format_macs_params(macs, params)} at 224x224")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,

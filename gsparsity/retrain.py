@@ -98,7 +98,7 @@ def retrain(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     teacher = None if teacher_path is None else load_teacher(teacher_path, arch, loaders.num_classes,
                                                              ctx.device, args.channels_last)
     folder = open_experiment(args, ctx, retrain_folder_name(args, scope, arch), script)
-    model = place_model(model, args, ctx)
+    model = place_model(model, ctx, args.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run = start_run(args, ctx, folder, model, optimizer, loaders,

@@ -244,7 +244,7 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
     # the registry first: it is quick to read, and otherwise only read when the search is over.
     check_registry_takes_name(args, ctx)
     loaders, model = data_and_starting_model(args, ctx)
-    model = place_model(model, args, ctx)
+    model = place_model(model, ctx, args.channels_last)
     full_macs, full_params = count_macs_params(model, 224)
     prox, budget_settings = ProxSettings.from_args(args, scope), BudgetSettings.from_args(args)
     probing = budget_settings.target is not None and not (args.resume or args.evaluate)

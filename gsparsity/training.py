@@ -92,10 +92,10 @@ def data_and_starting_model(args: argparse.Namespace, ctx: DistContext) -> tuple
     return loaders, model
 
 
-def place_model(model: nn.Module, args: argparse.Namespace, ctx: DistContext) -> nn.Module:
-    """Move to the device (channels_last if asked) and give every process rank 0's weights;
-    the caller wraps it with :func:`wrap_ddp` after building the optimizer."""
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+def place_model(model: nn.Module, ctx: DistContext, channels_last: bool = False) -> nn.Module:
+    """Move to the device (in the channels_last memory format if asked) and give every process
+    rank 0's weights; :func:`start_run` wraps it with :func:`wrap_ddp` after the optimizer is built."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     broadcast_module_states(model)
     return model
@@ -108,11 +108,11 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def compile_if_asked(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def compile_if_asked(model: nn.Module, compile_model: bool) -> nn.Module:
     """``torch.compile(model)`` with --compile. It shares the plain model's parameters, which
     the optimizer, the masks and the checkpoints keep using. Static shapes: the last, smaller
     batch of an epoch compiles its own graph once rather than making every graph dynamic."""
-    if not getattr(args, "compile", False):
+    if not compile_model:
         return model
     log.info("the model goes through torch.compile (--compile): each new batch shape compiles once")
     return torch.compile(model, dynamic=False)
@@ -354,7 +354,7 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     """Wrap the pieces in a Run, resumed from the folder's checkpoint on --resume."""
     # Load first: a broken checkpoint must stop the run before anything is written.
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
-    run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args),
+    run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args.compile),
               plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, Schedule.from_args(args)), loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
               criterion=make_criterion(args), start_epoch=args.start_epoch, loop=LoopSettings.from_args(args),

@@ -134,8 +134,9 @@ def tiny_run(folder: Path, **overrides) -> Run:
     loop, checkpoints and resume in a fraction of a second."""
     values = dict(data="demo", dummy=False, image_size=8, subset=16, batch_size=4, workers=0, seed=0,
                   epochs=2, lr=0.05, momentum=0.9, weight_decay=0.0, lr_scheduler="step", lr_step=30,
-                  warmup_epochs=0, print_freq=1, channels_last=False, amp=False, resume=None, start_epoch=0, arch="tiny",
-                  checkpoint_every=1, skip_nonfinite=0, clip_grad_norm=0.0, bad_images="stop", evaluate=False)
+                  warmup_epochs=0, print_freq=1, channels_last=False, amp=False, compile=False, resume=None,
+                  start_epoch=0, arch="tiny", checkpoint_every=1, skip_nonfinite=0, clip_grad_norm=0.0,
+                  bad_images="stop", evaluate=False)
     values.update(overrides)
     args = argparse.Namespace(**values)
     folder.mkdir(exist_ok=True)
