@@ -161,9 +161,9 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.T
     """Scale every gradient the optimizer will use by one factor, so that their total L2
     norm is at most ``max_norm``; returns the norm before (a device tensor: no host sync).
     Under DDP the gradients are already averaged, so every process scales alike."""
-    gradients = [parameter for group in optimizer.param_groups for parameter in group["params"]
-                 if parameter.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(gradients, max_norm)
+    with_gradients = [parameter for group in optimizer.param_groups for parameter in group["params"]
+                      if parameter.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(with_gradients, max_norm)
 
 
 def log_progress(bar: Iterable, sums: MetricSums, ctx: DistContext, started: float, data_seconds: float,
