@@ -261,7 +261,8 @@ def search(args: argparse.Namespace, ctx: DistContext, scope: str) -> None:
         prox = prox.with_mu(budget["mu"])
     optimizer = search_optimizer(model, prox)
     # The budget's mask ranks filters by how much of these norms they keep; checkpoints carry them.
-    extra = {"norms_at_start": start_norms(model, scope), "settled_mask": None} if args.target_macs is not None else {}
+    extra = ({"norms_at_start": start_norms(model, scope), "settled_mask": None}
+             if budget_settings.target is not None else {})
     run = start_run(args, ctx, folder, model, optimizer, loaders, extra_checkpoint=extra)
     if args.evaluate:
         metrics = evaluate_only(run)

@@ -355,7 +355,8 @@ def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, m
     # Load first: a broken checkpoint must stop the run before anything is written.
     checkpoint = load_resume_checkpoint(folder) if args.resume else None
     run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args.compile),
-              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, Schedule.from_args(args)), loaders=loaders,
+              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, Schedule.from_args(args)),
+              loaders=loaders,
               scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
               criterion=make_criterion(args), start_epoch=args.start_epoch, loop=LoopSettings.from_args(args),
               **extra)
