@@ -20,7 +20,6 @@ cross-entropy (``Run.val_criterion``).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -83,10 +82,12 @@ class DistillationLoss(nn.Module):
                                  self.label_smoothing)
 
 
-def teacher_file(args: argparse.Namespace, resumed: dict[str, Any] | None) -> Path | None:
-    """The file of the teacher's weights, or None without --distill. Checked to exist before
-    the experiment folder is made. A resumed run takes the file its run_info.json recorded."""
-    if args.distill is None:
+def teacher_file(distill: str | None, resumed: dict[str, Any] | None, baseline_model: str,
+                 registry: str | None) -> Path | None:
+    """The file of the teacher's weights (``--distill [PATH]``), or None without the flag. Checked
+    to exist before the experiment folder is made. A resumed run takes the file its run_info.json
+    recorded; ``--distill`` alone, the weights the search behind ``baseline_model`` started from."""
+    if distill is None:
         return None
     if resumed is not None:
         if not isinstance(resumed.get("distill"), dict) or "teacher" not in resumed["distill"]:
@@ -95,31 +96,32 @@ def teacher_file(args: argparse.Namespace, resumed: dict[str, Any] | None) -> Pa
         if not path.is_file():
             raise UserError(f"--resume: the teacher this run distils from, {path}, is gone; put it back")
         return path
-    if args.distill != TEACHER_FROM_SEARCH:
-        path = Path(args.distill)
+    if distill != TEACHER_FROM_SEARCH:
+        path = Path(distill)
         if not path.is_file():
-            raise UserError(f"--distill {args.distill}: no such file")
+            raise UserError(f"--distill {distill}: no such file")
         return path.resolve()
-    return searchs_starting_weights(args)
+    return searchs_starting_weights(baseline_model, registry)
 
 
-def searchs_starting_weights(args: argparse.Namespace, flag: str = "--distill",
+def searchs_starting_weights(baseline_model: str, registry: str | None, flag: str = "--distill",
                              ask: str = "name the unpruned model with --distill PATH") -> Path:
-    """The file of the --pretrained weights that the search behind --baseline_model started from
-    (``flag`` and ``ask``: who needs them, and what the user can do instead, for the errors)."""
-    entry = resolve(args.baseline_model, registry_file(args.registry))
+    """The file of the --pretrained weights that the search behind ``baseline_model`` (a name in
+    the registry ``registry``, None: the default one) started from. ``flag`` and ``ask``: who
+    needs them, and what the user can do instead, for the errors."""
+    entry = resolve(baseline_model, registry_file(registry))
     if not (entry.experiment_dir / RUN_INFO).is_file():
-        raise UserError(f"{flag}: the search behind {args.baseline_model} left no {RUN_INFO} in "
+        raise UserError(f"{flag}: the search behind {baseline_model} left no {RUN_INFO} in "
                         f"{entry.experiment_dir}, so its starting weights are unknown; {ask}")
     pretrained = read_run_info(entry.experiment_dir)["args"].get("pretrained")
     if isinstance(pretrained, bool):  # a search of the original: True was torchvision's weights
         pretrained = TORCHVISION if pretrained else None
     if pretrained is None:
-        raise UserError(f"{flag}: the search behind {args.baseline_model} started without "
+        raise UserError(f"{flag}: the search behind {baseline_model} started without "
                         f"--pretrained weights, so there is no unpruned model to start from; {ask}")
     path = torchvision_cache_file(entry.arch) if pretrained == TORCHVISION else Path(pretrained)
     if not path.is_file():
-        raise UserError(f"{flag}: the search behind {args.baseline_model} started from "
+        raise UserError(f"{flag}: the search behind {baseline_model} started from "
                         f"--pretrained {pretrained}, but {path} is not there; {ask}")
     return path.resolve()
 
@@ -140,7 +142,6 @@ def load_teacher(path: Path, arch: str, num_classes: int, device: torch.device, 
     return teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
 
 
-def distill_record(path: Path, arch: str, args: argparse.Namespace) -> dict[str, Any]:
+def distill_record(path: Path, arch: str, temperature: float, weight: float) -> dict[str, Any]:
     """What run_info.json keeps, so that --resume distils from the same teacher."""
-    return {"teacher": str(path), "arch": arch, "temperature": args.distill_temperature,
-            "weight": args.distill_weight}
+    return {"teacher": str(path), "arch": arch, "temperature": temperature, "weight": weight}

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,31 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def create_experiment_dir(args: argparse.Namespace, name: str, ctx: DistContext) -> Path:
+@dataclass(frozen=True)
+class FolderSettings:
+    """Where a run's files go: ``--path_to_save``, ``--run_id``, ``--resume``, ``--evaluate``."""
+
+    path_to_save: str = "experiments"
+    run_id: str | None = None  # suffix of a new folder's name
+    resume: str | None = None  # the folder of the run to go on with
+    evaluate: bool = False  # a fresh --evaluate writes nothing
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FolderSettings":
+        return cls(path_to_save=args.path_to_save, run_id=args.run_id, resume=args.resume, evaluate=args.evaluate)
+
+
+def create_experiment_dir(settings: FolderSettings, name: str, ctx: DistContext) -> Path:
     """Make ``<path_to_save>/<name>[_<run_id>]``; never reuse an existing folder."""
     folder = None
     if ctx.is_main:
-        if args.run_id:
-            name = f"{name}_{args.run_id}"
-        folder = Path(args.path_to_save) / name
+        if settings.run_id:
+            name = f"{name}_{settings.run_id}"
+        folder = Path(settings.path_to_save) / name
         in_the_way = next((path for path in (folder.parent, *folder.parent.parents) if path.is_file()), None)
         try:
             if in_the_way is not None:
-                folder = f"error: --path_to_save {args.path_to_save}: {in_the_way} is a file, not a folder"
+                folder = f"error: --path_to_save {settings.path_to_save}: {in_the_way} is a file, not a folder"
             else:
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 folder.mkdir()
@@ -152,14 +167,14 @@ class Scalars:
             self.writer.close()
 
 
-def open_experiment(args: argparse.Namespace, ctx: DistContext, name: str, script: str) -> Path | None:
+def open_experiment(settings: FolderSettings, ctx: DistContext, name: str, script: str) -> Path | None:
     """The folder of this run (made by ``script``): the resumed one, a new one, or none for --evaluate."""
-    if args.resume:
-        folder = Path(args.resume)
+    if settings.resume:
+        folder = Path(settings.resume)
         read_run_info(folder, script)
-    elif args.evaluate:
+    elif settings.evaluate:
         folder = None
     else:
-        folder = create_experiment_dir(args, name, ctx)
+        folder = create_experiment_dir(settings, name, ctx)
     setup_logging(folder, ctx)
     return folder

@@ -3,32 +3,47 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import torch
+from torch import nn
 
 from .complexity import count_macs_params, format_macs_params
+from .data import Loaders
 from .distributed import DistContext
-from .experiment import open_experiment, timestamp, write_run_info
-from .training import data_and_starting_model, evaluate_only, fit, place_model, start_run
+from .experiment import timestamp
+from .training import BEST, Run
+from .workflow import Workflow, data_and_starting_model, run_workflow
 
 log = logging.getLogger("gsparsity")
-SCRIPT = "main_original.py"
+
+
+class Original(Workflow):
+    """The torchvision model as it is, trained with SGD."""
+
+    script = "main_original.py"
+
+    def prepare(self) -> tuple[Loaders, nn.Module]:
+        return data_and_starting_model(self.args, self.ctx)
+
+    def folder_name(self) -> str:
+        return f"original_{self.args.arch}_{timestamp()}"
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        args = self.args
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+
+    def started(self, run: Run) -> None:
+        self.macs, self.params = count_macs_params(run.plain_model, 224)
+        log.info(f"{self.args.arch}: {format_macs_params(self.macs, self.params)} at 224x224")
+
+    def run_info(self, run: Run) -> dict[str, Any]:
+        return {"macs": self.macs, "params": self.params}
+
+    def finished(self, run: Run) -> None:
+        log.info(f"training done: best top1 {run.best_acc1:.3f}; use it with --pretrained={run.folder / BEST}")
 
 
 def original(args: argparse.Namespace, ctx: DistContext) -> None:
-    loaders, model = data_and_starting_model(args, ctx)
-    folder = open_experiment(args, ctx, f"original_{args.arch}_{timestamp()}", SCRIPT)
-    model = place_model(model, ctx, args.channels_last)
-    macs, params = count_macs_params(model, 224)
-    log.info(f"{args.arch}: {format_macs_params(macs, params)} at 224x224")
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    run = start_run(args, ctx, folder, model, optimizer, loaders)
-    if args.evaluate:
-        evaluate_only(run)
-        return
-    if ctx.is_main and not args.resume:
-        write_run_info(folder, args, SCRIPT, {"macs": macs, "params": params})
-    fit(run)
-    log.info(f"training done: best top1 {run.best_acc1:.3f}; use it with "
-             f"--pretrained={folder / 'model_best.pth.tar'}")
+    run_workflow(Original(args, ctx))

@@ -1,8 +1,9 @@
 """The epoch loop every workflow shares: train, validate, checkpoint, resume.
 
-A workflow (search, retrain, original) builds its model and optimizer, wraps them
-in a :class:`Run`, and calls :func:`fit` with a hook for its own end-of-epoch work
-(the search computes the mask and the compressed model there).
+A workflow (search, retrain, original; the sequence they share is ``workflow.py``)
+builds its model and optimizer, wraps them in a :class:`Run` with :func:`start_run`,
+and calls :func:`fit` with a hook for its own end-of-epoch work (the search computes
+the mask and the compressed model there). The step loop is ``engine.train_one_epoch``.
 
 A checkpoint records the epoch and the steps done in it (``"step"``: 0 at an epoch's
 end; more with ``--checkpoint-every`` or after a stop signal), so ``--resume`` goes on
@@ -23,12 +24,11 @@ from torch import nn
 
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
                          restore_rng_state)
-from .data import DataSettings, Loaders, build_loaders, start_epoch
+from .data import Loaders, start_epoch
 from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
 from .engine import EpochMetrics, LoopSettings, make_scaler, train_one_epoch, validate
 from .errors import UserError
-from .experiment import Scalars, start_logging
-from .models import build_model, load_pretrained
+from .experiment import Scalars
 from .stopping import Preempted, StepGuard, StopRequested
 
 log = logging.getLogger("gsparsity")
@@ -40,9 +40,9 @@ EpochHook = Callable[[int, EpochMetrics], None]
 
 @dataclass
 class Run:
-    args: argparse.Namespace
+    settings: "RunSettings"
     ctx: DistContext
-    folder: Path
+    folder: Path | None  # None: --evaluate without --resume (nothing is written)
     model: nn.Module  # as trained: maybe DDP-wrapped
     plain_model: nn.Module  # the torchvision-style model inside
     optimizer: torch.optim.Optimizer
@@ -57,7 +57,10 @@ class Run:
     resume_rng: dict[str, Any] | None = None  # random state of a mid-epoch checkpoint
     best_acc1: float = 0.0
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)  # e.g. the mask of a small model
-    loop: LoopSettings = field(default_factory=LoopSettings)  # what the step loops read of the flags
+
+    @property
+    def loop(self) -> LoopSettings:
+        return self.settings.loop
 
 
 def seed_everything(seed: int) -> None:
@@ -70,26 +73,12 @@ def seed_epoch(run: "Run", epoch: int, first_step: int = 0) -> None:
     """An epoch's shuffling, augmentation and any other draw depend on (seed, epoch) only,
     so a resumed run draws exactly what an uninterrupted one would. Resumed part-way
     (``first_step`` > 0), the random state is the one the checkpoint captured."""
-    if run.args.seed is not None:
-        seed_everything(run.args.seed * 1_000 + epoch)
-    start_epoch(run.loaders.train, epoch, run.args.seed, first_step)
+    seed = run.settings.seed
+    if seed is not None:
+        seed_everything(seed * 1_000 + epoch)
+    start_epoch(run.loaders.train, epoch, seed, first_step)
     if first_step and run.resume_rng:
         restore_rng_state(run.resume_rng)
-
-
-def data_and_starting_model(args: argparse.Namespace, ctx: DistContext) -> tuple[Loaders, nn.Module]:
-    """The first steps of the search and of main_original.py: seed, console logging, the data
-    loaders and the unpruned model with its ``--pretrained`` weights (not on ``--resume``:
-    the checkpoint has them). Each can refuse the input, so they come before the experiment
-    folder is made."""
-    if args.seed is not None:
-        seed_everything(args.seed)
-    start_logging(ctx)
-    loaders = build_loaders(DataSettings.from_args(args), ctx)
-    model = build_model(args.arch, loaders.num_classes)
-    if args.pretrained and not args.resume:
-        load_pretrained(model, args.pretrained, args.arch)
-    return loaders, model
 
 
 def place_model(model: nn.Module, ctx: DistContext, channels_last: bool = False) -> nn.Module:
@@ -116,11 +105,6 @@ def compile_if_asked(model: nn.Module, compile_model: bool) -> nn.Module:
         return model
     log.info("the model goes through torch.compile (--compile): each new batch shape compiles once")
     return torch.compile(model, dynamic=False)
-
-
-def make_criterion(args: argparse.Namespace) -> nn.Module:
-    """The training loss: cross-entropy, with ``--label-smoothing`` where the workflow has it."""
-    return nn.CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0))
 
 
 @dataclass(frozen=True)
@@ -168,13 +152,35 @@ def step_lrs(schedule: Schedule, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the epoch loop reads of the flags (:func:`start_run`, :func:`fit`)."""
+
+    arch: str  # recorded in every checkpoint
+    epochs: int
+    schedule: Schedule
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    seed: int | None = None  # --seed: each epoch's draws depend on (seed, epoch) only
+    start_epoch: int = 0  # --start-epoch of a fresh run
+    resume: bool = False  # go on from the experiment folder's checkpoint
+    compile: bool = False
+    label_smoothing: float = 0.0  # of the training loss (retrain and original have the flag)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunSettings":
+        return cls(arch=args.arch, epochs=args.epochs, schedule=Schedule.from_args(args),
+                   loop=LoopSettings.from_args(args), seed=args.seed, start_epoch=args.start_epoch,
+                   resume=bool(args.resume), compile=args.compile,
+                   label_smoothing=getattr(args, "label_smoothing", 0.0))  # the search has no such flag
+
+
 def checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
     """Everything needed to go on at step ``step`` of epoch ``epoch``."""
     return {
         "epoch": epoch,
         "step": step,
         "world_size": run.ctx.world_size,
-        "arch": run.args.arch,
+        "arch": run.settings.arch,
         "state_dict": run.plain_model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -300,11 +306,10 @@ def train_epoch(run: Run, epoch: int, guard: StepGuard) -> EpochMetrics:
 
 
 def fit(run: Run, on_epoch_end: EpochHook | None = None) -> None:
-    """Train from ``run.start_epoch`` to ``args.epochs``, validating and checkpointing each epoch."""
-    args = run.args
+    """Train from ``run.start_epoch`` to the last epoch, validating and checkpointing each one."""
     guard = StepGuard(run.ctx, StepGuard.check_interval(run.ctx, run.loop.print_freq), run.loop.skip_nonfinite)
     try:
-        for epoch in range(run.start_epoch, args.epochs):
+        for epoch in range(run.start_epoch, run.settings.epochs):
             run_epoch(run, epoch, guard, on_epoch_end)
     except UserError as error:  # so that _log.txt, too, says why the run ended
         if run.ctx.is_main:
@@ -329,7 +334,7 @@ def run_epoch(run: Run, epoch: int, guard: StepGuard, on_epoch_end: EpochHook | 
     run.scalars.write_epoch(epoch)
     save_checkpoint(run, epoch + 1, 0, is_best)
     signal_name = guard.agreed_signal()  # received during validation or the epoch's end
-    if signal_name is not None and epoch + 1 < run.args.epochs:
+    if signal_name is not None and epoch + 1 < run.settings.epochs:
         stop_for_signal(run, epoch + 1, 0, signal_name, already_saved=True)
 
 
@@ -349,17 +354,16 @@ def report_epoch(run: Run, epoch: int, train: EpochMetrics, val: EpochMetrics, l
         run.scalars.add(tag, value, epoch)
 
 
-def start_run(args: argparse.Namespace, ctx: DistContext, folder: Path | None, model: nn.Module,
+def start_run(settings: RunSettings, ctx: DistContext, folder: Path | None, model: nn.Module,
               optimizer: torch.optim.Optimizer, loaders: Loaders, **extra: Any) -> Run:
-    """Wrap the pieces in a Run, resumed from the folder's checkpoint on --resume."""
+    """Wrap the pieces in a Run, resumed from the folder's checkpoint with ``settings.resume``."""
     # Load first: a broken checkpoint must stop the run before anything is written.
-    checkpoint = load_resume_checkpoint(folder) if args.resume else None
-    run = Run(args=args, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), args.compile),
-              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, Schedule.from_args(args)),
-              loaders=loaders,
-              scalars=Scalars(folder, ctx), scaler=make_scaler(args.amp, ctx.device),
-              criterion=make_criterion(args), start_epoch=args.start_epoch, loop=LoopSettings.from_args(args),
-              **extra)
+    checkpoint = load_resume_checkpoint(folder) if settings.resume else None
+    run = Run(settings=settings, ctx=ctx, folder=folder, model=compile_if_asked(wrap_ddp(model, ctx), settings.compile),
+              plain_model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, settings.schedule),
+              loaders=loaders, scalars=Scalars(folder, ctx), scaler=make_scaler(settings.loop.amp, ctx.device),
+              criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+              start_epoch=settings.start_epoch, **extra)
     if checkpoint is not None:
         restore(run, checkpoint)
         if ctx.is_main:

@@ -263,7 +263,7 @@ def test_distilling_names_the_torchvision_weights_the_originals_search_started_f
                                          "--registry", str(originals["conv12"][0].parent / "list_of_models.py")])
     with pytest.raises(UserError, match=f"started from --pretrained torchvision, but {tmp_path}/hub/checkpoints/"
                                         f"resnet50-0676ba61.pth is not there"):
-        searchs_starting_weights(args)
+        searchs_starting_weights(args.baseline_model, args.registry)
 
 
 @pytest.mark.slow

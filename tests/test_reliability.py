@@ -33,8 +33,8 @@ from gsparsity.errors import UserError
 from gsparsity.experiment import setup_logging
 from gsparsity.registry import register_experiment
 from gsparsity.stopping import EXIT_PREEMPTED, StepGuard
-from gsparsity.training import (BEST, CHECKPOINT, Run, check_weights_finite, fit, load_resume_checkpoint,
-                                save_checkpoint, start_run)
+from gsparsity.training import (BEST, CHECKPOINT, Run, RunSettings, check_weights_finite, fit,
+                                load_resume_checkpoint, save_checkpoint, start_run)
 
 SEARCH = ("search", main_search_conv12.workflow)
 RETRAIN = ("retrain", main_reduce_retrain_conv12.workflow)
@@ -150,7 +150,7 @@ def tiny_run(folder: Path, **overrides) -> Run:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, loaders.num_classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    return start_run(args, CPU, folder, model, optimizer, loaders)
+    return start_run(RunSettings.from_args(args), CPU, folder, model, optimizer, loaders)
 
 
 @pytest.fixture(scope="module")

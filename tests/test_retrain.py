@@ -20,7 +20,7 @@ from gsparsity.experiment import setup_logging
 from gsparsity.registry import register, saved_small_models, searched_small_model
 from gsparsity.retrain import cut_to_mask, small_model_path
 from gsparsity.stopping import EXIT_PREEMPTED
-from gsparsity.training import Schedule, make_scheduler, start_run, step_lrs
+from gsparsity.training import RunSettings, Schedule, make_scheduler, start_run, step_lrs
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -116,7 +116,8 @@ def test_label_smoothing_makes_the_training_loss_torchs_smoothed_cross_entropy_a
     smoothed = (0.8 * -log_p[range(5), target] + 0.2 * -log_p.mean(dim=1)).mean().item()
     plain = -log_p[range(5), target].mean().item()
     setup_logging(None, CPU)  # to this test's stdout (an earlier in-process run may have logged to its own)
-    run = start_run(args, CPU, None, model, torch.optim.SGD(model.parameters(), lr=0.1), loaders=None)
+    run = start_run(RunSettings.from_args(args), CPU, None, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    loaders=None)
     assert validate(model, [(images, target)], run.val_criterion, CPU, run.loop).loss == pytest.approx(plain, rel=1e-6)
     trained = train_one_epoch(run.model, [(images, target)], run.criterion, run.optimizer, None, CPU, 0, run.loop)
     assert trained.loss == pytest.approx(smoothed, rel=1e-6)  # of the batch before the step

@@ -1,5 +1,6 @@
-"""End to end: baseline -> search -> register -> retrain -> evaluate, on the demo digits at
-tiny sizes, through the real command-line scripts."""
+"""The sequence every workflow shares (``run_workflow``, on a recording workflow); then end to
+end: baseline -> search -> register -> retrain -> evaluate, on the demo digits at tiny sizes,
+through the real command-line scripts."""
 import json
 import re
 
@@ -7,9 +8,112 @@ import pytest
 import torch
 import torchvision
 from scripts import TINY, only_folder, run_script
+from torch import nn
 
+from gsparsity import launch
 from gsparsity.checkpoint import load_checkpoint
+from gsparsity.data import DataSettings, build_loaders
+from gsparsity.distributed import DistContext
+from gsparsity.errors import UserError
 from gsparsity.registry import read_registry
+from gsparsity.workflow import Workflow, run_workflow
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Recording(Workflow):
+    """A tiny conv net on 16 demo digits, noting which of its steps ran, in order."""
+
+    script = "main_original.py"
+
+    def __init__(self, args, refuse: bool = False) -> None:
+        super().__init__(args, CPU)
+        self.steps, self.refuse = [], refuse
+
+    def prepare(self):
+        self.steps.append("prepare")
+        if self.refuse:
+            raise UserError("refused")
+        loaders = build_loaders(DataSettings.from_args(self.args), CPU)
+        return loaders, nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(4, loaders.num_classes))
+
+    def check(self, model):
+        self.steps.append("check")
+
+    def folder_name(self):
+        self.steps.append("folder_name")
+        return "recording"
+
+    def optimizer(self, model):
+        self.steps.append("optimizer")
+        return torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def extra_checkpoint(self, model):
+        self.steps.append("extra_checkpoint")
+        return {"note": "kept"}
+
+    def started(self, run):
+        self.steps.append("started")
+
+    def evaluate(self, run):
+        self.steps.append("evaluate")
+
+    def run_info(self, run):
+        self.steps.append("run_info")
+        return {"note": "recorded"}
+
+    def before_fit(self, run):
+        self.steps.append("before_fit")
+
+    def epoch_end(self, run):
+        return lambda epoch, val: self.steps.append(f"epoch_end {epoch}")
+
+    def finished(self, run):
+        self.steps.append("finished")
+
+
+def recording_args(tmp_path, *flags: str):
+    return launch.parse_args("original", ["--data", "demo", "--image-size", "8", "--subset", "16", "-b", "4", "-j",
+                                          "0", "--seed", "0", "--epochs", "2", "-p", "100",
+                                          "--path_to_save", str(tmp_path), *flags])
+
+
+def test_a_fresh_run_goes_through_every_step_in_order_and_keeps_the_workflows_records(tmp_path):
+    workflow = Recording(recording_args(tmp_path))
+    run_workflow(workflow)
+    assert workflow.steps == ["prepare", "check", "folder_name", "optimizer", "extra_checkpoint", "started",
+                              "run_info", "before_fit", "epoch_end 0", "epoch_end 1", "finished"]
+    folder = tmp_path / "recording"
+    assert json.loads((folder / "run_info.json").read_text())["note"] == "recorded"
+    checkpoint = load_checkpoint(folder / "checkpoint.pth.tar")
+    assert checkpoint["epoch"] == 2 and checkpoint["note"] == "kept"
+
+
+def test_evaluate_stops_after_the_workflows_evaluation_and_writes_nothing(tmp_path):
+    workflow = Recording(recording_args(tmp_path, "--evaluate"))
+    run_workflow(workflow)
+    assert workflow.steps[-2:] == ["started", "evaluate"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_while_preparing_leaves_no_folder_behind(tmp_path):
+    workflow = Recording(recording_args(tmp_path), refuse=True)
+    with pytest.raises(UserError, match="refused"):
+        run_workflow(workflow)
+    assert workflow.steps == ["prepare"] and list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_goes_on_from_its_checkpoint_and_keeps_its_run_info(tmp_path):
+    run_workflow(Recording(recording_args(tmp_path, "--epochs", "1")))
+    folder = tmp_path / "recording"
+    written = (folder / "run_info.json").read_text()
+    resumed = Recording(launch.parse_args("original", ["--epochs", "2", "--resume", str(folder)]))
+    run_workflow(resumed)
+    assert "run_info" not in resumed.steps and resumed.steps[-2:] == ["epoch_end 1", "finished"]
+    assert (folder / "run_info.json").read_text() == written
+    assert load_checkpoint(folder / "checkpoint.pth.tar")["epoch"] == 2
+
 
 @pytest.mark.parametrize("scope", ["conv12", "all_conv"])
 @pytest.mark.slow
