@@ -60,6 +60,28 @@ class DistContext:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Where the processes of a run go and how they meet (``--device``, ``--gpu``,
+    ``--world-size``, ``--rank``, ``--dist-url``, ``--dist-backend``, ``--dist-timeout``)."""
+
+    device: str = "auto"
+    gpu: int | None = None
+    world_size: int = -1  # nodes (pytorch/examples' spelling); -1: not given
+    rank: int = -1  # this node's
+    dist_url: str = "env://"
+    dist_backend: str = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    dist_timeout: float = 30.0  # minutes a collective waits for a peer
+    batch_size: int = 1  # the global batch, split over the processes
+    seed: int | None = None  # seeded runs ask cuDNN for deterministic kernels
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LaunchSettings":
+        return cls(device=args.device, gpu=args.gpu, world_size=args.world_size, rank=args.rank,
+                   dist_url=args.dist_url, dist_backend=args.dist_backend, dist_timeout=args.dist_timeout,
+                   batch_size=args.batch_size, seed=args.seed)
+
+
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
@@ -73,34 +95,34 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
-def processes_to_spawn(args: argparse.Namespace) -> int:
+def processes_to_spawn(launch: LaunchSettings) -> int:
     """How many processes this node spawns itself, one per GPU (0: run in this process).
     A node of a multi-node run (``--world-size`` > 1) spawns even for one GPU, so that it
     joins the others rather than training alone."""
-    if args.gpu is not None and args.world_size > 1 and not launched_by_torchrun():
-        raise UserError(f"--gpu {args.gpu} runs one process alone; with --world-size {args.world_size} "
+    if launch.gpu is not None and launch.world_size > 1 and not launched_by_torchrun():
+        raise UserError(f"--gpu {launch.gpu} runs one process alone; with --world-size {launch.world_size} "
                         f"leave it out (each node spawns one process per GPU) or use torchrun")
-    if launched_by_torchrun() or args.gpu is not None:
+    if launched_by_torchrun() or launch.gpu is not None:
         return 0
-    if resolve_device_type(args.device) != "cuda":
-        if args.world_size > 1:
-            raise UserError(f"--world-size {args.world_size}: spawning one process per node needs GPUs; "
+    if resolve_device_type(launch.device) != "cuda":
+        if launch.world_size > 1:
+            raise UserError(f"--world-size {launch.world_size}: spawning one process per node needs GPUs; "
                             f"on CPUs start every node with torchrun instead")
         return 0
-    if args.world_size > 1:
-        check_node_can_meet_the_others(args)
+    if launch.world_size > 1:
+        check_node_can_meet_the_others(launch)
     gpus = torch.cuda.device_count()
-    return gpus if gpus > 1 or args.world_size > 1 else 0
+    return gpus if gpus > 1 or launch.world_size > 1 else 0
 
 
-def check_node_can_meet_the_others(args: argparse.Namespace) -> None:
+def check_node_can_meet_the_others(launch: LaunchSettings) -> None:
     """Refuse, before any process waits, a multi-node launch whose nodes would never meet:
     each node needs its own --rank, and all of them the address of node 0."""
-    if not 0 <= args.rank < args.world_size:
-        raise UserError(f"--world-size {args.world_size}: give each node its --rank, 0 to "
-                        f"{args.world_size - 1} (got {args.rank})")
-    if args.dist_url == "env://" and not all(name in os.environ for name in ("MASTER_ADDR", "MASTER_PORT")):
-        raise UserError(f"--world-size {args.world_size} with --dist-url env://: set MASTER_ADDR and "
+    if not 0 <= launch.rank < launch.world_size:
+        raise UserError(f"--world-size {launch.world_size}: give each node its --rank, 0 to "
+                        f"{launch.world_size - 1} (got {launch.rank})")
+    if launch.dist_url == "env://" and not all(name in os.environ for name in ("MASTER_ADDR", "MASTER_PORT")):
+        raise UserError(f"--world-size {launch.world_size} with --dist-url env://: set MASTER_ADDR and "
                         f"MASTER_PORT to node 0's address on every node, or give --dist-url tcp://HOST:PORT")
 
 
@@ -118,38 +140,38 @@ class SpawnPlan:
     world_size: int  # processes of the whole run: nodes x GPUs per node
 
 
-def prepare_spawn(args: argparse.Namespace, gpus_per_node: int) -> SpawnPlan:
+def prepare_spawn(launch: LaunchSettings, gpus_per_node: int) -> SpawnPlan:
     """What spawned processes need to find each other: the rendezvous on this node, and their
-    places in the run. ``args`` is left as parsed: run_info.json keeps the flags as typed, and a
+    places in the run. The flags are left as parsed: run_info.json keeps them as typed, and a
     resumed run would otherwise multiply a stored total again."""
-    if args.dist_url == "env://":
+    if launch.dist_url == "env://":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    return SpawnPlan(node_rank=max(args.rank, 0), world_size=max(args.world_size, 1) * gpus_per_node)
+    return SpawnPlan(node_rank=max(launch.rank, 0), world_size=max(launch.world_size, 1) * gpus_per_node)
 
 
-def setup(args: argparse.Namespace, local_index: int | None = None, plan: SpawnPlan | None = None) -> DistContext:
+def setup(launch: LaunchSettings, local_index: int | None = None, plan: SpawnPlan | None = None) -> DistContext:
     """Join the process group (if any) and pick this process's device (``local_index`` and
     ``plan``: a process this node spawned)."""
-    device_type = resolve_device_type(args.device)
-    rank, world_size, local_rank = process_place(args, local_index, plan)
-    if args.batch_size < world_size:  # refused by every process alike, before any of them waits
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes "
+    device_type = resolve_device_type(launch.device)
+    rank, world_size, local_rank = process_place(launch, local_index, plan)
+    if launch.batch_size < world_size:  # refused by every process alike, before any of them waits
+        raise UserError(f"--batch-size {launch.batch_size} is smaller than the number of processes "
                         f"({world_size}); it is the global batch, split across them")
-    device = claim_device(args, device_type, local_rank)
+    device = claim_device(launch, device_type, local_rank)
     if world_size > 1:
-        join_process_group(args, device, rank, world_size)
+        join_process_group(launch, device, rank, world_size)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def process_place(args: argparse.Namespace, local_index: int | None,
+def process_place(launch: LaunchSettings, local_index: int | None,
                   plan: SpawnPlan | None = None) -> tuple[int, int, int]:
     """(rank, world size, local rank) of this process: from torchrun's environment, from
     this node's spawning, or a lone process."""
     if launched_by_torchrun():
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if args.gpu is not None and world_size > 1:  # every process would take the same GPU
-            raise UserError(f"--gpu {args.gpu} under torchrun: each process uses the GPU of its "
+        if launch.gpu is not None and world_size > 1:  # every process would take the same GPU
+            raise UserError(f"--gpu {launch.gpu} under torchrun: each process uses the GPU of its "
                             f"LOCAL_RANK; leave --gpu out")
         return rank, world_size, int(os.environ["LOCAL_RANK"])
     if local_index is not None:  # spawned by this node, one process per GPU, with the node's plan
@@ -157,28 +179,28 @@ def process_place(args: argparse.Namespace, local_index: int | None,
     return 0, 1, 0
 
 
-def claim_device(args: argparse.Namespace, device_type: str, local_rank: int) -> torch.device:
+def claim_device(launch: LaunchSettings, device_type: str, local_rank: int) -> torch.device:
     """The CPU (its malloc keeping freed memory, see cpu_memory.py), or the GPU of ``--gpu`` /
     the local rank, made current and set up for cuDNN."""
     if device_type != "cuda":
         keep_freed_memory()  # large activations stop faulting in anew at every step
         return torch.device("cpu")
-    index = args.gpu if args.gpu is not None else local_rank
+    index = launch.gpu if launch.gpu is not None else local_rank
     if index >= torch.cuda.device_count():
         raise UserError(f"GPU {index} asked for, but only {torch.cuda.device_count()} visible")
     device = torch.device("cuda", index)
     torch.cuda.set_device(device)
-    configure_cudnn(seeded=args.seed is not None)
+    configure_cudnn(seeded=launch.seed is not None)
     return device
 
 
-def join_process_group(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> None:
-    backend = args.dist_backend
+def join_process_group(launch: LaunchSettings, device: torch.device, rank: int, world_size: int) -> None:
+    backend = launch.dist_backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(minutes=args.dist_timeout),
+        backend=backend, init_method=launch.dist_url, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(minutes=launch.dist_timeout),
         **({"device_id": device} if device.type == "cuda" else {}),
     )
 

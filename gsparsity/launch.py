@@ -80,7 +80,7 @@ def renamed(stored: dict, former_names: dict[str, str]) -> dict:
 def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace,
                plan: distributed.SpawnPlan | None = None) -> None:
     with catching_stop_signals():
-        ctx = distributed.setup(args, local_index, plan)
+        ctx = distributed.setup(distributed.LaunchSettings.from_args(args), local_index, plan)
         try:
             workflow(args, ctx)
         except RuntimeError as error:
@@ -153,9 +153,10 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
         with exit_cleanly(prefix=f"{prog}: "):
             args = parse_args(kind, argv)
             validate_args(args, kind)
-            processes = distributed.processes_to_spawn(args)
+            launch = distributed.LaunchSettings.from_args(args)
+            processes = distributed.processes_to_spawn(launch)
             if processes:
-                plan = distributed.prepare_spawn(args, processes)
+                plan = distributed.prepare_spawn(launch, processes)
                 spawn_workers(workflow, args, processes, plan)
             else:
                 run_worker(None, workflow, args)

@@ -18,7 +18,7 @@ glibc_malloc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasat
 PROBE = """
 import argparse, ctypes, ctypes.util, sys, torch
 from gsparsity.cpu_memory import keep_freed_memory
-from gsparsity.distributed import claim_device
+from gsparsity.distributed import LaunchSettings, claim_device
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -66,7 +66,7 @@ def test_without_it_malloc_maps_a_large_tensor_and_gives_it_back():
 @glibc_malloc
 @pytest.mark.slow
 def test_a_process_that_claims_the_cpu_as_the_scripts_do_keeps_freed_memory():
-    mapped, _ = mapped_and_free_bytes('claim_device(argparse.Namespace(gpu=None, seed=None), "cpu", 0)')
+    mapped, _ = mapped_and_free_bytes('claim_device(LaunchSettings(), "cpu", 0)')
     assert mapped < 2**20
 
 

@@ -8,7 +8,7 @@ import torch
 from scripts import TINY, only_folder, run_script
 
 from gsparsity import distributed, launch
-from gsparsity.distributed import configure_cudnn
+from gsparsity.distributed import LaunchSettings, configure_cudnn
 from gsparsity.errors import UserError
 from gsparsity.experiment import write_run_info
 from gsparsity.masks import load_mask
@@ -123,7 +123,7 @@ def test_a_plain_launch_spawns_one_process_per_gpu_and_joins_other_nodes_even_wi
     pretend_gpus(monkeypatch, gpus)
     node = ["--rank", "0", "--dist-url", "tcp://127.0.0.1:29500"] if nodes > 1 else []
     args = launch.parse_args("original", ["--dummy", "--world-size", str(nodes), *node])
-    assert distributed.processes_to_spawn(args) == spawned
+    assert distributed.processes_to_spawn(LaunchSettings.from_args(args)) == spawned
 
 
 def test_spawned_processes_get_their_places_from_the_plan_and_the_flags_stay_as_typed(monkeypatch):
@@ -134,9 +134,10 @@ def test_spawned_processes_get_their_places_from_the_plan_and_the_flags_stay_as_
     monkeypatch.setenv("MASTER_PORT", "29500")
     args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
     typed = dict(vars(args))
-    plan = distributed.prepare_spawn(args, distributed.processes_to_spawn(args))
+    settings = LaunchSettings.from_args(args)
+    plan = distributed.prepare_spawn(settings, distributed.processes_to_spawn(settings))
     assert vars(args) == typed
-    assert [distributed.process_place(args, index, plan) for index in range(4)] == [
+    assert [distributed.process_place(settings, index, plan) for index in range(4)] == [
         (4, 8, 0), (5, 8, 1), (6, 8, 2), (7, 8, 3)]
 
 
@@ -158,18 +159,18 @@ def test_a_node_of_several_that_could_not_meet_the_others_is_refused_before_spaw
         monkeypatch.setenv(name, value)
     args = launch.parse_args("original", ["--dummy", "--world-size", "2", *flags])
     with pytest.raises(UserError, match=refusal):
-        distributed.processes_to_spawn(args)
+        distributed.processes_to_spawn(LaunchSettings.from_args(args))
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--rank", "1"])
-    assert distributed.processes_to_spawn(args) == 4
+    assert distributed.processes_to_spawn(LaunchSettings.from_args(args)) == 4
 
 
 def test_several_nodes_without_gpus_and_without_torchrun_are_refused(monkeypatch):
     pretend_gpus(monkeypatch, 0)
     args = launch.parse_args("original", ["--dummy", "--world-size", "2"])
     with pytest.raises(UserError, match="on CPUs start every node with torchrun"):
-        distributed.processes_to_spawn(args)
+        distributed.processes_to_spawn(LaunchSettings.from_args(args))
 
 
 def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_ran(tmp_path, monkeypatch, capsys):
@@ -188,7 +189,8 @@ def test_a_resumed_run_runs_where_the_resuming_command_says_not_where_it_first_r
     assert resumed.epochs == 3 and resumed.dummy  # the run's own settings do come back
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
         monkeypatch.setenv(name, value)
-    assert distributed.process_place(resumed, None) == (1, 2, 1)  # no "--gpu 0 under torchrun"
+    # no "--gpu 0 under torchrun"
+    assert distributed.process_place(LaunchSettings.from_args(resumed), None) == (1, 2, 1)
     node_one = launch.parse_args("original", ["--resume", str(tmp_path), "--world-size", "2", "--rank", "1"])
     assert (node_one.world_size, node_one.rank) == (2, 1)
 
@@ -197,7 +199,7 @@ def test_gpu_is_refused_with_several_nodes_without_torchrun(monkeypatch):
     pretend_gpus(monkeypatch, 2)
     args = launch.parse_args("original", ["--dummy", "--world-size", "2", "--gpu", "1"])
     with pytest.raises(UserError, match="--gpu 1 runs one process alone; with --world-size 2 leave it out"):
-        distributed.processes_to_spawn(args)
+        distributed.processes_to_spawn(LaunchSettings.from_args(args))
 
 
 def test_a_process_on_a_gpu_sets_cudnn_up(monkeypatch):
@@ -205,7 +207,7 @@ def test_a_process_on_a_gpu_sets_cudnn_up(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    ctx = distributed.setup(launch.parse_args("original", ["--dummy", "--device", "cuda"]))
+    ctx = distributed.setup(LaunchSettings.from_args(launch.parse_args("original", ["--dummy", "--device", "cuda"])))
     assert ctx.device == torch.device("cuda", 0)
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
 
@@ -215,4 +217,4 @@ def test_gpu_is_refused_under_a_multi_process_torchrun(monkeypatch):
         monkeypatch.setenv(name, value)
     args = launch.parse_args("original", ["--dummy", "--device", "cpu", "--gpu", "0"])
     with pytest.raises(UserError, match="--gpu 0 under torchrun: each process uses the GPU of its LOCAL_RANK"):
-        distributed.setup(args)
+        distributed.setup(LaunchSettings.from_args(args))
