@@ -27,7 +27,7 @@ from .errors import UserError
 from .experiment import read_run_info
 from .stopping import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, catching_stop_signals
 
-Workflow = Callable[[argparse.Namespace, DistContext], None]
+WorkflowFunction = Callable[[argparse.Namespace, DistContext], None]  # e.g. search.search
 EXIT_USER_ERROR = 2
 EXIT_PROCESS_GROUP = 1
 # Flags a resumed run may change; everything else comes back from run_info.json.
@@ -77,10 +77,10 @@ def renamed(stored: dict, former_names: dict[str, str]) -> dict:
     return current
 
 
-def run_worker(local_index: int | None, workflow: Workflow, args: argparse.Namespace,
-               plan: distributed.SpawnPlan | None = None) -> None:
+def run_worker(local_index: int | None, workflow: WorkflowFunction, args: argparse.Namespace,
+               launch: distributed.LaunchSettings, plan: distributed.SpawnPlan | None = None) -> None:
     with catching_stop_signals():
-        ctx = distributed.setup(distributed.LaunchSettings.from_args(args), local_index, plan)
+        ctx = distributed.setup(launch, local_index, plan)
         try:
             workflow(args, ctx)
         except RuntimeError as error:
@@ -108,16 +108,16 @@ def exit_cleanly(prefix: str) -> Iterator[None]:
         sys.exit(EXIT_PROCESS_GROUP)
 
 
-def spawned_worker(local_index: int, workflow: Workflow, args: argparse.Namespace,
-                   plan: distributed.SpawnPlan) -> None:
+def spawned_worker(local_index: int, workflow: WorkflowFunction, args: argparse.Namespace,
+                   launch: distributed.LaunchSettings, plan: distributed.SpawnPlan) -> None:
     with exit_cleanly(prefix=f"[process {local_index}] "):
-        run_worker(local_index, workflow, args, plan)
+        run_worker(local_index, workflow, args, launch, plan)
 
 
-def spawn_workers(workflow: Workflow, args: argparse.Namespace, processes: int,
-                  plan: distributed.SpawnPlan) -> None:
+def spawn_workers(workflow: WorkflowFunction, args: argparse.Namespace, launch: distributed.LaunchSettings,
+                  processes: int, plan: distributed.SpawnPlan) -> None:
     """One process per GPU; a stop signal sent to this parent is passed on to them."""
-    context = mp.start_processes(spawned_worker, args=(workflow, args, plan), nprocs=processes,
+    context = mp.start_processes(spawned_worker, args=(workflow, args, launch, plan), nprocs=processes,
                                  join=False, start_method="spawn")
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -146,7 +146,7 @@ def process_group_message(failure: ProcessGroupFailure) -> str:
             f"from the last checkpoint with --resume")
 
 
-def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> None:
+def main(kind: str, workflow: WorkflowFunction, argv: Sequence[str] | None = None) -> None:
     prog = os.path.basename(sys.argv[0])
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -157,9 +157,9 @@ def main(kind: str, workflow: Workflow, argv: Sequence[str] | None = None) -> No
             processes = distributed.processes_to_spawn(launch)
             if processes:
                 plan = distributed.prepare_spawn(launch, processes)
-                spawn_workers(workflow, args, processes, plan)
+                spawn_workers(workflow, args, launch, processes, plan)
             else:
-                run_worker(None, workflow, args)
+                run_worker(None, workflow, args, launch)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
