@@ -29,6 +29,8 @@ import torch
 from .errors import UserError
 
 PathLike = str | os.PathLike
+CHECKPOINT = "checkpoint.pth.tar"  # an experiment folder's latest state (training.save_checkpoint)
+BEST = "model_best.pth.tar"  # ... and that of its best val top-1
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
 TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # what _temp_name makes
 # Messages of torch's weights-only unpickler when a file asks for something beyond

@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint
 from .complexity import evaluation_mode
 from .errors import UserError
 from .experiment import RUN_INFO
@@ -59,7 +59,6 @@ from .original_files import (is_original_retrain_checkpoint, is_original_small_m
 from .pruned_resnet import ARCHS, ChannelPlan, build_pruned_resnet, channel_plan
 from .registry import SMALL_MODEL_PATTERN, mask_file, searched_small_model, small_model_file
 from .structure import RESIDUAL, PrunableConv, branch_chain, prunable_convs
-from .training import BEST, CHECKPOINT
 
 REQUIRED_KEYS = ("arch", "scope", "num_classes", "mask", "state_dict")
 logger = logging.getLogger("gsparsity")

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import BEST
 from .complexity import count_macs_params, format_macs_params
 from .data import Loaders
 from .distributed import DistContext
 from .experiment import timestamp
-from .training import BEST, Run
+from .training import Run
 from .workflow import Workflow, data_and_starting_model, run_workflow
 
 log = logging.getLogger("gsparsity")

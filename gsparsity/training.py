@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, remove_stale_temp_files,
-                         restore_rng_state)
+from .checkpoint import (BEST, CHECKPOINT, atomic_save, capture_rng_state, load_checkpoint,
+                         remove_stale_temp_files, restore_rng_state)
 from .data import Loaders, start_epoch
 from .distributed import DistContext, all_reduce_max, barrier, broadcast_module_states
 from .engine import EpochMetrics, LoopSettings, make_scaler, train_one_epoch, validate
@@ -32,8 +32,6 @@ from .experiment import Scalars
 from .stopping import Preempted, StepGuard, StopRequested
 
 log = logging.getLogger("gsparsity")
-CHECKPOINT = "checkpoint.pth.tar"
-BEST = "model_best.pth.tar"
 
 EpochHook = Callable[[int, EpochMetrics], None]
 
