@@ -35,8 +35,8 @@ class Original(Workflow):
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
 
-    def started(self, run: Run) -> None:
-        self.macs, self.params = count_macs_params(run.plain_model, 224)
+    def check(self, model: nn.Module) -> None:
+        self.macs, self.params = count_macs_params(model, 224)
         log.info(f"{self.args.arch}: {format_macs_params(self.macs, self.params)} at 224x224")
 
     def run_info(self, run: Run) -> dict[str, Any]:

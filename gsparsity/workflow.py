@@ -76,22 +76,23 @@ class Workflow:
 
 
 def run_workflow(workflow: Workflow) -> None:
-    args, ctx = workflow.args, workflow.ctx
-    if args.seed is not None:
-        seed_everything(args.seed)
+    settings, ctx = workflow.settings, workflow.ctx
+    folders = FolderSettings.from_args(workflow.args)
+    if settings.seed is not None:
+        seed_everything(settings.seed)
     start_logging(ctx)
     loaders, model = workflow.prepare()
-    model = place_model(model, ctx, args.channels_last)
+    model = place_model(model, ctx, settings.loop.channels_last)
     workflow.check(model)
-    folder = open_experiment(FolderSettings.from_args(args), ctx, workflow.folder_name(), workflow.script)
-    run = start_run(workflow.settings, ctx, folder, model, workflow.optimizer(model), loaders,
+    folder = open_experiment(folders, ctx, workflow.folder_name(), workflow.script)
+    run = start_run(settings, ctx, folder, model, workflow.optimizer(model), loaders,
                     extra_checkpoint=workflow.extra_checkpoint(model))
     workflow.started(run)
-    if args.evaluate:
+    if folders.evaluate:
         workflow.evaluate(run)
         return
-    if ctx.is_main and not args.resume:
-        write_run_info(folder, args, workflow.script, workflow.run_info(run))
+    if ctx.is_main and not settings.resume:
+        write_run_info(folder, workflow.args, workflow.script, workflow.run_info(run))
     workflow.before_fit(run)
     fit(run, workflow.epoch_end(run))
     workflow.finished(run)
